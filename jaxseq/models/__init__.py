@@ -1,0 +1,21 @@
+"""Model families, one file each, all under the model protocol (DESIGN.md)."""
+
+from __future__ import annotations
+
+from jaxseq.cells import make_cell
+from jaxseq.config import TrainConfig
+from jaxseq.errors import ConfigError
+from jaxseq.models.rnn_lm import RecurrentLM
+
+RECURRENT_KINDS = ("rnn", "lstm", "gru")
+
+
+def build_model(config: TrainConfig, vocab_size: int):
+    """The linen module for `config.model` with `vocab_size` output classes."""
+    kind = config.model
+    if kind in RECURRENT_KINDS:
+        r = config.rnn
+        cell = make_cell(kind, r.d_embed, r.d_hidden, num_layers=r.num_layers, residual=r.residual,
+                         dropout=r.dropout, nonlinearity=r.nonlinearity)
+        return RecurrentLM(vocab_size=vocab_size, cell=cell, d_embed=r.d_embed, dropout=r.dropout)
+    raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(RECURRENT_KINDS)} (more as they land).")

@@ -1,0 +1,33 @@
+"""Thin Flax linen modules over the pure core (cells + unroll)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+from jaxseq.scan import unroll
+
+
+class Recurrent(nn.Module):
+    """Holds a cell's parameters (one `cell` param subtree) and runs it.
+
+    `__call__(xs [B, T, d_in], mask=, carry=, resets=, reverse=, deterministic=)` -> (ys, carry);
+    `step(carry, x [B, d_in])` -> (carry, y [B, d_out]). Dropout between stacked layers draws
+    from the "dropout" rng stream when `deterministic=False`.
+    """
+
+    cell: Any
+
+    def setup(self):
+        self.cell_params = self.param("cell", lambda key: self.cell.init(key))
+
+    def __call__(self, xs, *, mask=None, carry=None, resets=None, reverse=False, deterministic=True):
+        key = None if deterministic or getattr(self.cell, "dropout", 0.0) == 0.0 else self.make_rng("dropout")
+        return unroll(self.cell, self.cell_params, xs, mask=mask, carry=carry, resets=resets, reverse=reverse, key=key)
+
+    def initial_carry(self, batch_shape, dtype=None):
+        return self.cell.initial_carry(batch_shape, dtype)
+
+    def step(self, carry, x):
+        return self.cell.step(self.cell_params, carry, x)
