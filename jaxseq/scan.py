@@ -37,7 +37,19 @@ def _select(pred, on_true, on_false):
 
 
 def _scan_cell(cell, params, xs, mask, carry0, resets, unroll):
-    """Forward scan of a single (non-stack) cell. xs [B, T, d]; mask, resets [B, T] bool."""
+    """Forward pass of a single (non-stack) cell. xs [B, T, d]; mask, resets [B, T] bool.
+
+    A cell may supply its own whole-sequence form, `cell.sequence_unroll(params, xs, mask,
+    carry0, resets, unroll)`, with the same semantics: linear recurrences use it for a
+    parallel (associative) scan, and cells with a hand-written backward pass for speed.
+    """
+    if hasattr(cell, "sequence_unroll"):
+        return cell.sequence_unroll(params, xs, mask, carry0, resets, unroll)
+    return _lax_scan_cell(cell, params, xs, mask, carry0, resets, unroll)
+
+
+def _lax_scan_cell(cell, params, xs, mask, carry0, resets, unroll):
+    """The reference recurrence: `lax.scan` of `cell.step` with held carry and zero output on masked steps."""
     def body(carry, inputs):
         x, m, r = inputs
         carry = _select(r, carry0, carry)
