@@ -89,6 +89,24 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: `--mesh.data 8`, `--mesh.fsdp 2`; -1 fills with the devices there are."""
+
+    data: int = -1
+    fsdp: int = 1
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process start-up. Empty values fall back to JAXSEQ_COORDINATOR / JAXSEQ_NUM_PROCESSES /
+    JAXSEQ_PROCESS_ID, then to no distribution (one process)."""
+
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run. The defaults train a character LSTM on the stdlib corpus in a few minutes on 2 cores."""
 
@@ -99,6 +117,8 @@ class TrainConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
     steps: int = 1500
     eval_every: int = 250
     eval_batches: int = 16
