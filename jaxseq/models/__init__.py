@@ -18,4 +18,12 @@ def build_model(config: TrainConfig, vocab_size: int):
         cell = make_cell(kind, r.d_embed, r.d_hidden, num_layers=r.num_layers, residual=r.residual,
                          dropout=r.dropout, nonlinearity=r.nonlinearity)
         return RecurrentLM(vocab_size=vocab_size, cell=cell, d_embed=r.d_embed, dropout=r.dropout)
+    if kind in ("mingru", "minlstm", "lru"):
+        from jaxseq.linear_cells import make_linear_cell
+
+        # --rnn.residual also makes each layer the papers' pre-norm block (see make_linear_cell).
+        r = config.rnn
+        cell = make_linear_cell(kind, r.d_embed, r.d_hidden, num_layers=r.num_layers, residual=r.residual,
+                                dropout=r.dropout, block=r.residual)
+        return RecurrentLM(vocab_size=vocab_size, cell=cell, d_embed=r.d_embed, dropout=r.dropout)
     raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(RECURRENT_KINDS)} (more as they land).")
