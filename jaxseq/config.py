@@ -60,6 +60,8 @@ class TransformerConfig:
     dropout: float = 0.0
     positional: Literal["learned", "sinusoidal", "rope"] = "learned"
     tie_embeddings: bool = True
+    # Key/value heads: None = num_heads (multi-head), 1 = multi-query, a divisor of num_heads = grouped-query.
+    num_kv_heads: int | None = None
 
 
 @dataclass(frozen=True)

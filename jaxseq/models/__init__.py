@@ -26,4 +26,8 @@ def build_model(config: TrainConfig, vocab_size: int):
         cell = make_linear_cell(kind, r.d_embed, r.d_hidden, num_layers=r.num_layers, residual=r.residual,
                                 dropout=r.dropout, block=r.residual)
         return RecurrentLM(vocab_size=vocab_size, cell=cell, d_embed=r.d_embed, dropout=r.dropout)
+    if kind == "transformer":
+        from jaxseq.models.transformer import TransformerLM
+
+        return TransformerLM.from_config(config.transformer, vocab_size)
     raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(RECURRENT_KINDS)} (more as they land).")
