@@ -33,7 +33,7 @@ from jaxseq.checks import check_mask, check_tokens, is_concrete
 from jaxseq.errors import ConfigError, ShapeError
 
 POSITIONAL = ("learned", "sinusoidal", "rope")
-_init = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
+gpt_init = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
 
 
 def dense(layer: nn.Dense, x):
@@ -79,7 +79,7 @@ class SelfAttention(nn.Module):
         self.kv_heads = check_heads(self.d_model, self.num_heads, self.num_kv_heads)
         self.head_dim = self.d_model // self.num_heads
         width = (self.num_heads + 2 * self.kv_heads) * self.head_dim
-        self.c_attn = nn.Dense(width, kernel_init=_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.c_attn = nn.Dense(width, kernel_init=gpt_init, dtype=self.dtype, param_dtype=self.param_dtype)
         out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
         self.c_proj = nn.Dense(self.d_model, kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -120,7 +120,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = dense(nn.Dense(self.d_ff, kernel_init=_init, name="c_fc", **kw), x)
+        h = dense(nn.Dense(self.d_ff, kernel_init=gpt_init, name="c_fc", **kw), x)
         h = jax.nn.gelu(h, approximate=self.gelu_approximate)
         out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
         return dense(nn.Dense(self.d_model, kernel_init=out_init, name="c_proj", **kw), h)
@@ -160,6 +160,25 @@ class Block(nn.Module):
         x = x + self.drop(h, deterministic=deterministic)
         x = x + self.drop(self.mlp(self.ln_2(x)), deterministic=deterministic)
         return x, cache
+
+
+def add_positions(x, positions, positional: str, wpe: nn.Embed | None = None):
+    """Add the positional code to embeddings x [B, T, D] at int positions [B, T] (RoPE: nothing here)."""
+    if positional == "learned":
+        # Clip so that padding beyond the table (never attended to) cannot turn into NaN.
+        return x + wpe(jnp.minimum(positions, wpe.num_embeddings - 1))
+    if positional == "sinusoidal":
+        return x + sinusoidal_positions(positions, x.shape[-1]).astype(x.dtype)
+    return x
+
+
+def check_positional(positional: str, d_model: int, num_heads: int):
+    if positional not in POSITIONAL:
+        raise ConfigError(f"positional must be one of {POSITIONAL}, got {positional!r}.")
+    if positional == "rope" and (d_model // num_heads) % 2:
+        raise ConfigError(f"positional='rope' needs an even head_dim, got d_model/num_heads = {d_model // num_heads}.")
+    if positional == "sinusoidal" and d_model % 2:
+        raise ConfigError(f"positional='sinusoidal' needs an even d_model, got {d_model}.")
 
 
 def mask_positions(mask, B: int, T: int):
@@ -227,21 +246,16 @@ class TransformerLM(nn.Module):
         return cls(vocab_size=vocab_size, **{**kwargs, **overrides})
 
     def setup(self):
-        if self.positional not in POSITIONAL:
-            raise ConfigError(f"positional must be one of {POSITIONAL}, got {self.positional!r}.")
         self.kv_heads = check_heads(self.d_model, self.num_heads, self.num_kv_heads)
         self.head_dim = self.d_model // self.num_heads
-        if self.positional == "rope" and self.head_dim % 2:
-            raise ConfigError(f"positional='rope' needs an even head_dim, got d_model/num_heads = {self.head_dim}.")
-        if self.positional == "sinusoidal" and self.d_model % 2:
-            raise ConfigError(f"positional='sinusoidal' needs an even d_model, got {self.d_model}.")
+        check_positional(self.positional, self.d_model, self.num_heads)
         if self.vocab_size < 1 or self.num_layers < 1 or self.max_len < 1:
             raise ConfigError(
                 f"need vocab_size >= 1, num_layers >= 1, max_len >= 1; got {self.vocab_size}, "
                 f"{self.num_layers}, {self.max_len}."
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.wte = nn.Embed(self.vocab_size, self.d_model, embedding_init=_init, **kw)
+        self.wte = nn.Embed(self.vocab_size, self.d_model, embedding_init=gpt_init, **kw)
         if self.positional == "learned":
             self.wpe = nn.Embed(self.max_len, self.d_model, embedding_init=nn.initializers.normal(0.01), **kw)
         self.h = [
@@ -255,17 +269,13 @@ class TransformerLM(nn.Module):
         ]
         self.ln_f = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
         if not self.tie_embeddings:
-            self.lm_head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=_init, **kw)
+            self.lm_head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=gpt_init, **kw)
         self.drop = nn.Dropout(self.dropout)
 
     # -- pieces shared by both forms ----------------------------------------------------------------
 
     def _embed(self, tokens, positions, deterministic):
-        x = self.wte(tokens)  # [B, T, D]
-        if self.positional == "learned":
-            x = x + self.wpe(jnp.minimum(positions, self.max_len - 1))
-        elif self.positional == "sinusoidal":
-            x = x + sinusoidal_positions(positions, self.d_model).astype(x.dtype)
+        x = add_positions(self.wte(tokens), positions, self.positional, getattr(self, "wpe", None))
         return self.drop(x, deterministic=deterministic)
 
     def _head(self, x):
