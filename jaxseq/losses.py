@@ -1,0 +1,48 @@
+"""Losses for sequence models: masked next-token negative log-likelihood.
+
+    loss_fn = lm_loss_fn(model)
+    loss, aux = loss_fn(params, batch, rng)     # rng=None: deterministic (no dropout)
+
+Sums and counts are returned separately so that evaluation can average over many
+batches exactly (sum of sums / sum of counts), not as a mean of means.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_nll(logits, targets, mask):
+    """Summed next-token negative log-likelihood (nats) over valid positions, and their number.
+
+    logits: float [B, T, V] (computed in float32 whatever their dtype); targets: int [B, T];
+    mask: bool [B, T] (True = the target counts). Returns (sum_nll float32 [], num_tokens int32 []).
+    """
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # [B, T]
+    mask = jnp.asarray(mask, dtype=bool)
+    # `where`, not `nll * mask`: a masked position with inf/NaN logits (padding) must add exactly 0, not NaN.
+    sum_nll = jnp.sum(jnp.where(mask, nll, 0.0))
+    return sum_nll, jnp.sum(mask, dtype=jnp.int32)
+
+
+def lm_loss_fn(model):
+    """The mean masked next-token loss of a linen LM under the model protocol.
+
+    Returns `loss_fn(params, batch, rng) -> (mean_loss, aux)` with batch = {"inputs", "targets", "mask"}
+    and aux = {"sum_nll", "num_tokens"}. `rng=None` runs deterministically (evaluation); otherwise
+    `rng` is the dropout key. A batch with no valid token gives loss 0 (mean over max(count, 1)),
+    never 0/0.
+    """
+
+    def loss_fn(params, batch, rng: jax.Array | None = None):
+        rngs = None if rng is None else {"dropout": rng}
+        logits = model.apply(
+            {"params": params}, batch["inputs"], mask=batch["mask"], deterministic=rng is None, rngs=rngs
+        )
+        sum_nll, count = token_nll(logits, batch["targets"], batch["mask"])
+        loss = sum_nll / jnp.maximum(count, 1).astype(jnp.float32)
+        return loss, {"sum_nll": sum_nll, "num_tokens": count}
+
+    return loss_fn
