@@ -132,7 +132,7 @@ def test_weight_decay_spares_vectors():
 
 def test_pulse_two_steps():
     data = cyclic_bundle()
-    model = TinyLM(vocab_size=data.tokenizer.vocab_size, dropout=0.1)
+    model = TinyLM(vocab_size=data.tokenizer.vocab_size)
     oc = OptimConfig(lr=1e-2, warmup_steps=2)
     opt = make_optimizer(oc, total_steps=10)
     batch = jaxseq.data.lm_batch(data.train_ids, batch_size=4, seq_len=16, seed=0, index=0)
@@ -149,17 +149,20 @@ def test_pulse_two_steps():
     assert all(changed)
 
 
-def test_dropout_key_depends_on_seed_and_step_only():
-    data = cyclic_bundle()
-    model = TinyLM(vocab_size=data.tokenizer.vocab_size, dropout=0.5)
+def test_dropout_key_is_fold_in_of_seed_and_step():
+    """The step hands loss_fn the key fold_in(key(seed), state.step): nothing else (no hidden RNG state)."""
+
+    def loss_fn(params, batch, rng):  # the "loss" is a draw from the key it was given
+        return params["w"] * 0 + jax.random.uniform(rng), {}
+
     opt = make_optimizer(OptimConfig(), total_steps=10)
-    batch = jaxseq.data.lm_batch(data.train_ids, batch_size=4, seq_len=16, seed=0, index=0)
-    state = init_train_state(model.init(jax.random.key(0), batch["inputs"])["params"], opt)
-    steps = {seed: jax.jit(make_train_step(lm_loss_fn(model), opt, seed=seed)) for seed in (0, 1)}
-    loss = lambda seed, st: float(steps[seed](st, batch)[1]["loss"])  # noqa: E731
-    assert loss(0, state) == loss(0, state)
-    assert loss(0, state) != loss(1, state)
-    assert loss(0, state) != loss(0, state._replace(step=jnp.int32(1)))
+    state = init_train_state({"w": jnp.zeros(())}, opt)
+    for seed in (0, 3):
+        step_fn = jax.jit(make_train_step(loss_fn, opt, seed=seed))
+        for step in (0, 5):
+            _, m = step_fn(state._replace(step=jnp.int32(step)), {})
+            expect = jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step))
+            assert float(m["loss"]) == float(expect)
 
 
 def test_nonfinite_step_leaves_params_and_opt_state_bitwise_unchanged():
