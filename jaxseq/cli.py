@@ -59,8 +59,8 @@ def sample_command(args: SampleArgs) -> list[str]:
     from jaxseq.checkpoint import load_run
     from jaxseq.models import build_model
 
-    config, tokenizer, variables = load_run(args.run_dir)
-    model = build_model(config, tokenizer.vocab_size)
+    config, tokenizer, params = load_run(args.run_dir)
+    model, variables = build_model(config, tokenizer.vocab_size), {"params": params}
     prompt_ids = tokenizer.encode(args.prompt)
     if len(prompt_ids) == 0:
         raise SystemExit("--prompt must hold at least one character (the default is a newline).")
@@ -87,16 +87,16 @@ def eval_command(args: EvalArgs) -> dict:
     from jaxseq.checkpoint import load_run
     from jaxseq.data import eval_batches, prepare_data
     from jaxseq.models import build_model
-    from jaxseq.train import evaluate
+    from jaxseq.train import evaluate, make_eval_step
 
-    config, tokenizer, variables = load_run(args.run_dir)
+    config, tokenizer, params = load_run(args.run_dir)
     data_config = config.data if args.source is None else dataclasses.replace(config.data, source=args.source)
     data = prepare_data(data_config, tokenizer=tokenizer)
     max_batches = args.max_batches or sys.maxsize
     batches = eval_batches(data.val_ids, batch_size=data_config.batch_size, seq_len=data_config.seq_len,
                            max_batches=max_batches)
     model = build_model(config, tokenizer.vocab_size)
-    result = evaluate(model, variables, batches)
+    result = evaluate(make_eval_step(model), params, batches)
     print(json.dumps(result))
     return result
 
