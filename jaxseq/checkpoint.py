@@ -122,11 +122,13 @@ class CheckpointManager:
     def read_meta(self, step: int) -> dict:
         return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore(self, template_state, step: int | None = None):
+    def restore(self, template_state, step: int | None = None, *, shapes_from_checkpoint: bool = False):
         """Restore the newest good step (or `step`) into the structure of `template_state`.
 
         template_state: a freshly initialised state (arrays or jax.ShapeDtypeStruct leaves); the
         restored arrays take its structure, shapes, dtypes and shardings.
+        shapes_from_checkpoint: take each leaf's shape from the checkpoint (count-based models, whose
+        table sizes depend on the data); leaf paths and dtypes are still checked.
         Returns (state, meta). Raises CheckpointError on an architecture, shape or dtype mismatch, or
         when no step can be read; a step that fails to read is reported and the previous one tried.
         """
@@ -143,11 +145,10 @@ class CheckpointManager:
                 continue
             # A mismatch is not corruption: every step of this run would fail the same way, so stop here.
             self._check_architecture(meta, s)
-            _check_leaves(stored, template_state, s)
+            target = _with_stored_shapes(template_state, stored) if shapes_from_checkpoint else template_state
+            _check_leaves(stored, target, s)
             try:
-                restored = self._mngr.restore(
-                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(template_state))
-                ).state
+                restored = self._mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
             except Exception as e:  # unreadable arrays: a corrupt step
                 failures.append(self._give_up_on(s, e))
                 continue
@@ -191,12 +192,13 @@ class CheckpointManager:
 def load_run(run_dir):
     """Everything to sample from or evaluate a trained run: (config, tokenizer, params).
 
-    Reads RUN_DIR/config.json and RUN_DIR/tokenizer.json, builds the model, and restores the newest
+    `jaxseq.train.model_variables(model, params)` turns params into what `model.apply` takes:
+    {"params": params}, or params itself for count-based models (their whole variables dict). Reads RUN_DIR/config.json and RUN_DIR/tokenizer.json, builds the model, and restores the newest
     good checkpoint's params (checked against the model's freshly initialised shapes). Read-only.
     """
     from jaxseq.data import CharTokenizer
     from jaxseq.models import build_model
-    from jaxseq.train import TrainState, make_optimizer
+    from jaxseq.train import TrainState, is_count_model, make_optimizer
 
     run_dir = Path(run_dir)
     for name in ("config.json", "tokenizer.json"):
@@ -206,15 +208,17 @@ def load_run(run_dir):
     tokenizer = CharTokenizer.load(run_dir / "tokenizer.json")
     model = build_model(config, tokenizer.vocab_size)
     tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), np.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-    if hasattr(model, "fit_variables"):  # count-based models carry no optimizer state
-        opt_state = ()
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    counted = is_count_model(model)
+    if counted:  # the whole variables dict, no optimizer state; table sizes depend on the data
+        params, opt_state = variables, ()
     else:
+        params = variables["params"]
         opt_state = jax.eval_shape(make_optimizer(config.optim, config.steps).init, params)
     scalar = jax.ShapeDtypeStruct((), np.int32)
     template = TrainState(step=scalar, params=params, opt_state=opt_state, nonfinite_count=scalar)
     with CheckpointManager(run_dir, config=config, read_only=True) as ckpt:
-        state, _ = ckpt.restore(template)
+        state, _ = ckpt.restore(template, shapes_from_checkpoint=counted)
     return config, tokenizer, state.params
 
 
@@ -246,6 +250,16 @@ def _stored_leaves(tree_metadata) -> dict:
     tree = getattr(tree_metadata, "tree", tree_metadata)
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {_path_str(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves}
+
+
+def _with_stored_shapes(template, stored: dict):
+    """`template` with every leaf that the checkpoint holds replaced by ShapeDtypeStruct(stored shape, template dtype)."""
+
+    def leaf(path, x):
+        key = _path_str(path)
+        return jax.ShapeDtypeStruct(stored[key][0], x.dtype) if key in stored else x
+
+    return jax.tree_util.tree_map_with_path(leaf, template)
 
 
 def _check_leaves(stored: dict, template, step: int) -> None:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from jaxseq.checkpoint import CheckpointManager
 from jaxseq.config import OptimConfig, TrainConfig, to_dict
 from jaxseq.errors import ConfigError, DataError, NonFiniteError
-from jaxseq.losses import lm_loss_fn
+from jaxseq.losses import lm_loss_fn, token_nll
 
 
 class TrainState(NamedTuple):
@@ -148,14 +148,24 @@ def _current_lr(opt_state):
     return jnp.full((), jnp.nan, jnp.float32)
 
 
+def is_count_model(model) -> bool:
+    """Count-based models (the n-gram) are fitted by `model.fit_variables(train_ids)`, not by gradients."""
+    return hasattr(model, "fit_variables")
+
+
+def model_variables(model, params) -> dict:
+    """What `model.apply` takes: {"params": params}; for count-based models `params` is already their
+    whole variables dict (e.g. {"counts": ...}), which is what their checkpoints and `load_run` hold."""
+    return params if is_count_model(model) else {"params": params}
+
+
 def make_eval_step(model):
     """Jitted `(params, batch) -> (sum_nll, count)`: summed next-token NLL (nats) and valid targets, no dropout."""
-    loss_fn = lm_loss_fn(model)
 
     @jax.jit
     def eval_step(params, batch):
-        _, aux = loss_fn(params, batch, None)
-        return aux["sum_nll"], aux["num_tokens"]
+        logits = model.apply(model_variables(model, params), batch["inputs"], mask=batch["mask"], deterministic=True)
+        return token_nll(logits, batch["targets"], batch["mask"])
 
     return eval_step
 
@@ -215,7 +225,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
             batch = D.lm_batch(data.train_ids, batch_size=dc.batch_size, seq_len=dc.seq_len, seed=config.seed, index=i)
             return D.validate_batch(batch, vocab_size)
 
-        if hasattr(model, "fit_variables"):
+        if is_count_model(model):
             return _fit_count_model(config, model, data, val_batches, ckpt, resuming, t_start)
 
         optimizer = make_optimizer(config.optim, config.steps)
@@ -294,16 +304,17 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
 
 
 def _fit_count_model(config, model, data, val_batches, ckpt, resuming, t_start) -> dict:
-    """Count-based models (the n-gram) are fitted in one pass over the training ids, not trained by gradients."""
+    """Count-based models (the n-gram) are fitted in one pass over the training ids, not trained by gradients.
+
+    The checkpoint (step 0) holds the whole variables dict as `params` and no optimizer state.
+    """
     run_dir = Path(config.run_dir)
     if resuming:  # the counts are already there: restore them instead of counting again
-        tokens = jnp.asarray(val_batches[0]["inputs"][:1])
-        params = jax.eval_shape(model.init, jax.random.key(config.seed), tokens)["params"]
+        variables = jax.eval_shape(model.init, jax.random.key(config.seed), jnp.asarray(val_batches[0]["inputs"][:1]))
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        state, _ = ckpt.restore(TrainState(scalar, params, (), scalar))
+        state, _ = ckpt.restore(TrainState(scalar, variables, (), scalar), shapes_from_checkpoint=True)
     else:
-        params = model.fit_variables(np.asarray(data.train_ids))["params"]
-        state = TrainState(jnp.zeros((), jnp.int32), params, (), jnp.zeros((), jnp.int32))
+        state = TrainState(jnp.zeros((), jnp.int32), model.fit_variables(np.asarray(data.train_ids)), (), jnp.zeros((), jnp.int32))
         data.tokenizer.save(run_dir / "tokenizer.json")
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         ckpt.save(0, state, data_position=0)
