@@ -202,6 +202,8 @@ def test_bad_inputs_raise():
         model.apply(variables, state, tokens, method="step")
     with pytest.raises(TokenRangeError, match="token"):
         model.apply(variables, state, jnp.array([0, -1]), method="step")
+    with pytest.raises(ShapeError, match="order=2"):  # variables fitted for another order
+        NGramLM(vocab_size=V, order=2).apply(variables, tokens)
     with pytest.raises(TokenRangeError, match="train_ids"):
         model.fit_variables(np.array([0, 1, 7]))
     with pytest.raises(DataError, match="1-D"):

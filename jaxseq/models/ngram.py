@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq.checks import check_mask, check_tokens
-from jaxseq.errors import ConfigError, DataError
+from jaxseq.errors import ConfigError, DataError, ShapeError
 
 COLLECTION = "counts"
 _SENTINEL = np.iinfo(np.int32).max
@@ -116,7 +116,16 @@ class NGramLM(nn.Module):
     def _tables(self) -> dict:
         names = ["lambdas", "unigram"] + [f"{name}_{j}" for j in range(1, self.order)
                                           for name in _PER_LENGTH]
-        return {name: self.get_variable(COLLECTION, name) for name in names}
+        t = {name: self.get_variable(COLLECTION, name) for name in names}
+        missing = [name for name, v in t.items() if v is None]
+        if missing or t["lambdas"].shape != (self.order,) or t["unigram"].shape != (self.vocab_size,):
+            got = "missing " + ", ".join(missing[:3]) if missing else (
+                f"lambdas {t['lambdas'].shape}, unigram {t['unigram'].shape}")
+            raise ShapeError(
+                f"the '{COLLECTION}' variables do not fit NGramLM(order={self.order}, vocab_size={self.vocab_size}) "
+                f"({got}); fit them with this model's fit_variables."
+            )
+        return t
 
     def fit_variables(self, train_ids, heldout_ids=None, *, heldout_fraction: float = 0.1) -> dict:
         """Exact counts (NumPy) -> variables {"counts": ...} for apply/step. Host-side, not jitted.
