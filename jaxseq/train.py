@@ -245,7 +245,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
         step_fn = jax.jit(make_train_step(lm_loss_fn(model), optimizer, seed=config.seed))
         eval_step = make_eval_step(model)
         step, last_saved, last_eval, val, stopped = start, (start if resuming else None), None, None, None
-        tokens, t_first, m = 0, None, {}
+        tokens, t_first, paused, m = 0, None, 0.0, {}  # paused: seconds in eval/checkpoints, not in tokens/s
         batch = train_batch(start) if start > 0 else batch
         bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
         t_loop = time.perf_counter()
@@ -254,7 +254,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
                 state, metrics = step_fn(state, batch)
                 if i + 1 < config.steps:
                     batch = train_batch(i + 1)  # host work overlaps the device step
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                m = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}  # ints stay ints
                 step = i + 1
                 _append(metrics_path, {"step": step, "split": "train", **m})
                 if t_first is None:
@@ -262,7 +262,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
                 else:
                     tokens += m["tokens"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{_rate(tokens, t_first):,.0f}")
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{_rate(tokens, t_first, paused):,.0f}")
                 if 0 < config.max_nonfinite_steps <= m["nonfinite_count"]:
                     n = int(m["nonfinite_count"])
                     raise NonFiniteError(
@@ -271,11 +271,13 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
                         f"{ckpt.latest_step()}. Lower --optim.lr, tighten --optim.grad-clip, or check the data; "
                         f"--max-nonfinite-steps sets the limit."
                     )
+                t_pause = time.perf_counter()
                 if step % config.eval_every == 0 and step < config.steps:
                     val, last_eval = _log_eval(metrics_path, step, evaluate(eval_step, state.params, val_batches)), step
                 if step % config.checkpoint_every == 0:
                     ckpt.save(step, state, data_position=step)
                     last_saved = step
+                paused += time.perf_counter() - t_pause
                 if stop.signum is not None:
                     break
                 if config.time_limit_s > 0 and time.perf_counter() - t_loop > config.time_limit_s:
@@ -297,7 +299,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
         "val_loss": None if val is None else val["loss"],
         "val_bits": None if val is None else val["bits"],
         "wall_s": time.perf_counter() - t_start,
-        "tokens_per_s": _rate(tokens, t_first) if tokens else None,
+        "tokens_per_s": _rate(tokens, t_first, paused) if tokens else None,
         "stopped": stopped,
         "run_dir": str(run_dir),
     }
@@ -370,5 +372,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def _rate(tokens: float, since: float | None) -> float:
-    return tokens / max(time.perf_counter() - since, 1e-9) if since is not None else 0.0
+def _rate(tokens: float, since: float | None, paused: float = 0.0) -> float:
+    """Tokens per second of training since `since`, not counting `paused` seconds (evaluation, checkpoints)."""
+    return tokens / max(time.perf_counter() - since - paused, 1e-9) if since is not None else 0.0
