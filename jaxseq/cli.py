@@ -60,7 +60,10 @@ def sample_command(args: SampleArgs) -> list[str]:
     from jaxseq.models import build_model
 
     config, tokenizer, params = load_run(args.run_dir)
-    model, variables = build_model(config, tokenizer.vocab_size), {"params": params}
+    from jaxseq.train import model_variables
+
+    model = build_model(config, tokenizer.vocab_size)
+    variables = model_variables(model, params)  # {"params": params}, or a count model's whole variables
     prompt_ids = tokenizer.encode(args.prompt)
     if len(prompt_ids) == 0:
         raise SystemExit("--prompt must hold at least one character (the default is a newline).")

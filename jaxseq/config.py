@@ -34,8 +34,10 @@ class RNNConfig:
 class NGramConfig:
     """Count-based n-gram with add-k smoothing, interpolated with all lower orders."""
 
-    order: int = 5
-    add_k: float = 0.1
+    # Measured on tinyshakespeare (val nats/char): order 8 with add_k 0.001 gives 1.605;
+    # add_k 0.1 stalls at 1.699 (6.5 pseudo-counts per context drown the high orders).
+    order: int = 7
+    add_k: float = 0.001
     # Interpolation weights are fitted on held-out training text unless given ("" = fit).
     lambdas: str = ""
 
@@ -46,6 +48,7 @@ class AdditiveConfig:
 
     d_embed: int = 256
     reduce: Literal["sum", "mean"] = "mean"
+    d_hidden: int = 0  # > 0: a tanh hidden layer between the context vector and the softmax
 
 
 @dataclass(frozen=True)

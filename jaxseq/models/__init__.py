@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jaxseq.cells import make_cell
-from jaxseq.config import TrainConfig
+from jaxseq.config import MODEL_KINDS, TrainConfig
 from jaxseq.errors import ConfigError
 from jaxseq.models.rnn_lm import RecurrentLM
 
@@ -30,4 +30,12 @@ def build_model(config: TrainConfig, vocab_size: int):
         from jaxseq.models.transformer import TransformerLM
 
         return TransformerLM.from_config(config.transformer, vocab_size)
-    raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(RECURRENT_KINDS)} (more as they land).")
+    if kind == "ngram":
+        from jaxseq.models.ngram import NGramLM
+
+        return NGramLM.from_config(config.ngram, vocab_size)
+    if kind == "additive":
+        from jaxseq.models.additive import AdditiveLM
+
+        return AdditiveLM.from_config(config.additive, vocab_size)
+    raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}.")

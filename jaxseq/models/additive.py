@@ -46,7 +46,7 @@ class AdditiveLM(nn.Module):
     def from_config(cls, config, vocab_size: int) -> "AdditiveLM":
         """Build from a `jaxseq.config.AdditiveConfig`."""
         return cls(vocab_size=vocab_size, d_embed=config.d_embed, reduce=config.reduce,
-                   d_hidden=getattr(config, "d_hidden", 0))
+                   d_hidden=config.d_hidden)
 
     def setup(self):
         self.embed = nn.Embed(self.vocab_size, self.d_embed)
