@@ -1,5 +1,11 @@
 """jaxseq: sequence models in JAX/Flax. Public names are re-exported here; nothing else."""
 
+from jaxseq.attention import KVCache, apply_rope, attention, causal_mask, sinusoidal_positions
+from jaxseq.cells import GRU, LSTM, Bidirectional, Elman, Stack, bidirectional, make_cell, stack
+from jaxseq.checkpoint import CheckpointManager, load_run
+from jaxseq.config import TrainConfig
+from jaxseq.data import CharTokenizer, DataBundle, eval_batches, lm_batch, load_text, prepare_data, validate_batch
+from jaxseq.decoding import beam_search, sample, top_k_filter, top_p_filter
 from jaxseq.errors import (
     CheckpointError,
     ConfigError,
@@ -9,5 +15,15 @@ from jaxseq.errors import (
     ShapeError,
     TokenRangeError,
 )
+from jaxseq.linear_cells import LRU, MinGRU, MinLSTM, make_linear_cell
+from jaxseq.losses import lm_loss_fn, token_nll
+from jaxseq.models import build_model
+from jaxseq.models.additive import AdditiveLM
+from jaxseq.models.encdec import TransformerSeq2Seq
+from jaxseq.models.ngram import NGramLM
+from jaxseq.models.rnn_lm import RecurrentLM
+from jaxseq.models.transformer import TransformerLM
+from jaxseq.scan import unroll
+from jaxseq.train import TrainState, evaluate, make_eval_step, make_optimizer, make_train_step, train
 
 __version__ = "0.1.0"
