@@ -6,6 +6,7 @@ a shared scalar position (like a KV-cache index), so wrong forcing, padding or b
 state changes the answer.
 """
 
+import functools
 import itertools
 import math
 
@@ -240,9 +241,10 @@ def test_ragged_prompts_equal_rows_run_alone():
     out = sample(model, variables, prompt, prompt_mask=mask, max_new_tokens=N, temperature=0.0)
     assert out.tokens.shape == (4, 4 + N)
     for b, p in enumerate(prompts):
-        alone = sample(model, variables, np.array([p], np.int32), max_new_tokens=N, temperature=0.0)
-        want = np.asarray(alone.tokens[0]).tolist()
-        assert want == greedy_np(next_logp, p, N)
+        want = greedy_np(next_logp, p, N)  # the row alone, in NumPy
+        if b in (0, 1):  # the row alone through sample too (two rows: each prompt length compiles anew)
+            alone = sample(model, variables, np.array([p], np.int32), max_new_tokens=N, temperature=0.0)
+            assert np.asarray(alone.tokens[0]).tolist() == want
         assert np.asarray(out.tokens[b]).tolist() == want + [0] * (4 - len(p))
         assert int(out.lengths[b]) == len(p) + N
 
@@ -486,3 +488,118 @@ def test_bad_inputs_raise_jaxseq_errors():
         beam_search(model, variables, -good, beam_size=2, max_new_tokens=2)
     with pytest.raises(ConfigError, match="length_penalty"):
         beam_search(model, variables, good, beam_size=2, max_new_tokens=2, length_penalty=-0.5)
+
+
+# ----------------------------------------------------------------------------- the library's models
+
+
+def random_variables(model, *args, scale=0.7, seed=0):
+    """Variables of `model` with N(0, scale^2) entries: shapes from eval_shape, so no init compile."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *args)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * scale, s.dtype), shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def real_model(name, V):
+    """A tiny model of the library with random (or fitted) variables."""
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    if name == "lstm":
+        from jaxseq.cells import make_cell
+        from jaxseq.models import RecurrentLM
+
+        model = RecurrentLM(vocab_size=V, cell=make_cell("lstm", 8, 12, num_layers=2), d_embed=8)
+        return model, random_variables(model, dummy)
+    if name == "transformer":
+        from jaxseq.models.transformer import TransformerLM
+
+        model = TransformerLM(vocab_size=V, num_layers=1, num_heads=2, d_model=16, d_ff=32, max_len=16)
+        return model, random_variables(model, dummy)
+    if name == "ngram":
+        from jaxseq.models.ngram import NGramLM
+
+        model = NGramLM(vocab_size=V, order=3, lambdas=(0.1, 0.3, 0.6))
+        ids = np.random.default_rng(0).integers(0, V, size=300)
+        ids[::3] = (ids[1::3][: len(ids[::3])] + 1) % V  # some structure to learn
+        return model, model.fit_variables(ids)
+    raise ValueError(name)
+
+
+def apply_logp(model, variables, tokens):
+    """float64 log-probs [B, T-1, V] of tokens[:, 1:] from the parallel form."""
+    logits = jax.jit(model.apply)(variables, jnp.asarray(tokens[:, :-1], jnp.int32))
+    return log_softmax_np(np.asarray(logits, np.float64))
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer", "ngram"])
+def test_library_models_greedy_and_beam_agree_with_parallel_form(name):
+    V, N, K = 4, 2, 4
+    model, variables = real_model(name, V)
+    prompt = np.array([[1, 2, 3], [2, 0, 0], [3, 1, 0]], np.int32)
+    mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], bool)
+    lengths = mask.sum(1)
+    out = sample(model, variables, prompt, prompt_mask=mask, max_new_tokens=5, temperature=0.0)
+    seqs, scores = beam_search(model, variables, prompt, prompt_mask=mask, beam_size=K, max_new_tokens=N)
+    # Score everything with the parallel form in one call (one compile): the greedy rows, then every
+    # one of the V**N continuations of each prompt (padded to the same width; the models are causal).
+    greedy = np.asarray(out.tokens)  # [3, 8]
+    conts = np.array(list(itertools.product(range(V), repeat=N)), np.int32)  # [16, N]
+    brute = np.zeros((3, len(conts), greedy.shape[1]), np.int32)
+    for b in range(3):
+        brute[b, :, : lengths[b]] = prompt[b, : lengths[b]]
+        brute[b, :, lengths[b] : lengths[b] + N] = conts
+    lp_all = apply_logp(model, variables, np.concatenate([greedy, brute.reshape(-1, greedy.shape[1])]))
+
+    # Greedy: every generated token is the argmax of the parallel form's distribution at its position.
+    lp = lp_all[:3]
+    for b in range(3):
+        np.testing.assert_array_equal(greedy[b, : lengths[b]], prompt[b, : lengths[b]])
+        for pos in range(lengths[b], lengths[b] + 5):
+            assert lp[b, pos - 1, greedy[b, pos]] >= lp[b, pos - 1].max() - 1e-4, (b, pos)
+
+    # Beam search (exhaustive here: K = V prefixes, all last-step candidates have equal length) against
+    # brute force over all V**N continuations.
+    lp = lp_all[3:].reshape(3, len(conts), *lp_all.shape[1:])
+    for b in range(3):
+        L = lengths[b]
+        total = sum(lp[b, np.arange(len(conts)), L - 1 + i, conts[:, i]] for i in range(N))
+        best = np.argsort(-total, kind="stable")[:K]
+        np.testing.assert_allclose(np.asarray(scores[b]), total[best], atol=2e-4)
+        want = brute[b, best, : 3 + N]
+        if np.min(-np.diff(total[np.argsort(-total)][: K + 1])) > 1e-3:  # no near-ties: order is defined
+            np.testing.assert_array_equal(np.asarray(seqs[b]), want)
+
+
+def test_encoder_decoder_with_caller_built_state():
+    from jaxseq.models.encdec import TransformerSeq2Seq
+
+    V, bos, N, K = 5, 0, 5, 3
+    model = TransformerSeq2Seq(src_vocab_size=6, vocab_size=V, num_layers=1, num_heads=2, d_model=16, d_ff=32,
+                               max_len=12)
+    src = np.array([[1, 2, 3, 4], [5, 4, 0, 0]], np.int32)
+    src_mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    variables = random_variables(model, jnp.asarray(src), jnp.zeros((2, 3), jnp.int32))
+
+    @jax.jit
+    def encoder_state(v, s, m):  # what a seq2seq caller does: encode, then build the decoder state
+        return model.apply(v, model.apply(v, s, m, method="encode"), m, 1 + N, method="init_state")
+
+    state = encoder_state(variables, src, src_mask)
+    prompt = np.full((2, 1), bos, np.int32)
+    out = sample(model, variables, prompt, max_new_tokens=N, temperature=0.0, state=state)
+    # Beam search tiles the caller's [B] state to B * K rows.
+    seqs, scores = beam_search(model, variables, prompt, beam_size=K, max_new_tokens=N, state=state)
+    # One teacher-forced pass scores the greedy rows and the K beams of each row.
+    tgt = np.concatenate([np.asarray(out.tokens), np.asarray(seqs).reshape(2 * K, 1 + N)])
+    srcs = np.concatenate([src, np.repeat(src, K, 0)])
+    masks = np.concatenate([src_mask, np.repeat(src_mask, K, 0)])
+    logits = jax.jit(lambda v, s, t, m: model.apply(v, s, t, src_mask=m))(variables, srcs, tgt[:, :-1], masks)
+    lp = log_softmax_np(np.asarray(logits, np.float64))
+    for b in range(2):
+        for pos in range(1, 1 + N):
+            assert lp[b, pos - 1, tgt[b, pos]] >= lp[b, pos - 1].max() - 1e-4
+    want = lp[2:][np.arange(2 * K)[:, None], np.arange(N)[None], tgt[2:, 1:]].sum(1).reshape(2, K)
+    np.testing.assert_allclose(np.asarray(scores), want, atol=2e-4)
+    assert np.all(np.diff(np.asarray(scores), axis=1) <= 0)
+    for b in range(2):
+        assert len({tuple(s) for s in np.asarray(seqs[b]).tolist()}) == K  # distinct hypotheses
