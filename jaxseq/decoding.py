@@ -19,11 +19,16 @@ The whole generation (prompt and new tokens) is one `lax.scan` under one `jax.ji
 number of new tokens, top_k, beam_size and end_id are static, so a new value of one of them compiles
 again, while new keys, temperatures, top_p values, prompts or params do not. This loop feeds back its
 own outputs, which `jaxseq.scan.unroll` (a scan over precomputed inputs) cannot express, hence its own
-scan here. A model's optional `prefill` method is not used: feeding the prompt through `step` keeps a
-single code path that every model already tests (step agrees with apply).
+scan here.
 
-RNG: the token at absolute position t is drawn with `jax.random.fold_in(key, t)`, so results do not
-depend on how wide the prompt padding is.
+`sample` uses a model's optional `prefill(state, tokens [B, P], mask [B, P]) -> (state, logits [B, V])`
+(the whole right-padded prompt in one parallel call, logits at each row's last valid token; the
+TransformerLM has one) when it exists: then each row generates from its own position in a scan of
+exactly `max_new_tokens` steps, which needs every state leaf to be per row (batch leading axis).
+`prefill=False` forces the step path; `beam_search` always uses the step path.
+
+RNG: row b's token at absolute position t is drawn with `fold_in(fold_in(key, t), b)`, so the two
+paths draw the same tokens and results do not depend on how wide the prompt padding is.
 """
 
 from __future__ import annotations
@@ -163,8 +168,8 @@ class SampleOutput(NamedTuple):
         return jnp.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
 
 
-def _pick(logits, key, temperature, top_p, *, greedy: bool, top_k, use_top_p: bool):
-    """Choose one token per row from logits [B, V] -> int32 [B]."""
+def _pick(logits, key, pos, temperature, top_p, *, greedy: bool, top_k, use_top_p: bool):
+    """Choose one token per row from logits [B, V] for absolute positions pos (int or [B]) -> int32 [B]."""
     logits = logits.astype(jnp.float32)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -173,28 +178,35 @@ def _pick(logits, key, temperature, top_p, *, greedy: bool, top_k, use_top_p: bo
         logits = top_k_filter(logits, top_k)
     if use_top_p:
         logits = top_p_filter(logits, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    B = logits.shape[0]
+    keys = jax.vmap(lambda p, b: jax.random.fold_in(jax.random.fold_in(key, p), b))(
+        jnp.broadcast_to(pos, (B,)), jnp.arange(B)
+    )
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "greedy", "use_top_p", "end_id")
+    jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "greedy", "use_top_p", "end_id", "prefill")
 )
 def _sample_jit(model, variables, prompt, lengths, key, temperature, top_p, state, *,
-                max_new_tokens, top_k, greedy, use_top_p, end_id):
+                max_new_tokens, top_k, greedy, use_top_p, end_id, prefill):
     B, P = prompt.shape
     total = P + max_new_tokens
     pad = 0 if end_id is None else end_id
     tokens = _start_tokens(prompt, lengths, total, pad)
     if state is None:
         state = model.apply(variables, B, total, method="init_state")
-    pick = functools.partial(_pick, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    pick = functools.partial(_pick, key=key, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k,
+                             use_top_p=use_top_p)
+    if prefill:
+        return _generate_after_prefill(model, variables, tokens, lengths, state, pick, max_new_tokens, end_id)
 
     def body(carry, t):
         state, tokens, done, out_len = carry
         pos = t + 1  # the position whose token this step decides
         fed = jax.lax.dynamic_index_in_dim(tokens, t, axis=1, keepdims=False)  # [B]
         state, logits = model.apply(variables, state, fed, method="step")
-        drawn = pick(logits, None if greedy else jax.random.fold_in(key, pos), temperature, top_p)
+        drawn = pick(logits, pos=pos)
         here = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)  # prompt token or pad
         forced = pos < lengths
         generating = ~forced & ~done & (pos < lengths + max_new_tokens)
@@ -210,9 +222,40 @@ def _sample_jit(model, variables, prompt, lengths, key, temperature, top_p, stat
     return SampleOutput(tokens, out_len)
 
 
+def _generate_after_prefill(model, variables, tokens, lengths, state, pick, max_new_tokens, end_id):
+    """Prefill every row's prompt in one call, then max_new_tokens - 1 steps; row b writes at lengths[b] + i."""
+    B = tokens.shape[0]
+    P = tokens.shape[1] - max_new_tokens
+    pad = 0 if end_id is None else end_id
+    mask = jnp.arange(P)[None, :] < lengths[:, None]
+    state, logits = model.apply(variables, state, tokens[:, :P], mask, method="prefill")
+    rows = jnp.arange(B)
+
+    def emit(tokens, done, out_len, logits, i):
+        pos = lengths + i  # [B] each row's own position
+        drawn = pick(logits, pos=pos)
+        new = jnp.where(done, pad, drawn)
+        tokens = tokens.at[rows, pos].set(new)
+        out_len = jnp.where(done, out_len, pos + 1)
+        if end_id is not None:
+            done = done | (drawn == end_id)
+        return tokens, done, out_len, new
+
+    def body(carry, i):
+        state, logits, tokens, done, out_len = carry
+        tokens, done, out_len, new = emit(tokens, done, out_len, logits, i)
+        state, logits = model.apply(variables, state, new, method="step")
+        return (state, logits, tokens, done, out_len), None
+
+    init = (state, logits, tokens, jnp.zeros((B,), bool), lengths)
+    (_, logits, tokens, done, out_len), _ = jax.lax.scan(body, init, jnp.arange(max_new_tokens - 1))
+    tokens, _, out_len, _ = emit(tokens, done, out_len, logits, max_new_tokens - 1)  # no step after the last
+    return SampleOutput(tokens, out_len.astype(jnp.int32))
+
+
 def sample(model, variables, prompt, *, max_new_tokens: int, key=None, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
-           end_id: int | None = None, state=None) -> SampleOutput:
+           end_id: int | None = None, state=None, prefill: bool | None = None) -> SampleOutput:
     """Continue right-padded prompts by sampling; the whole generation is one jitted `lax.scan`.
 
     Args:
@@ -220,7 +263,7 @@ def sample(model, variables, prompt, *, max_new_tokens: int, key=None, temperatu
       variables: its variables (e.g. `{"params": ...}`).
       prompt: int [B, P], P >= 1; right-padded when `prompt_mask` is given.
       max_new_tokens: tokens to generate per row (>= 0).
-      key: PRNG key; the token at position t uses `fold_in(key, t)`. May be None when temperature == 0.
+      key: PRNG key; row b's token at position t uses `fold_in(fold_in(key, t), b)`. None if greedy.
       temperature: Python float >= 0; 0 means greedy (argmax; top_k/top_p then have no effect).
       top_k: keep only the k most likely tokens (see `top_k_filter`), applied after temperature.
       top_p: nucleus filter in (0, 1] (see `top_p_filter`), applied after temperature and top-k.
@@ -228,6 +271,7 @@ def sample(model, variables, prompt, *, max_new_tokens: int, key=None, temperatu
       end_id: once a row generates it, the row stops: later positions hold end_id. None: never stop.
       state: an already-built decoding state for batch B and max_len >= P + max_new_tokens (e.g. an
         encoder-decoder's state from the encoder output); None calls `init_state(B, P + max_new_tokens)`.
+      prefill: use the model's `prefill` method for the prompt (None: when it has one; see module doc).
 
     Returns:
       SampleOutput(tokens int32 [B, P + max_new_tokens], lengths int32 [B]); see the module docstring.
@@ -248,11 +292,15 @@ def sample(model, variables, prompt, *, max_new_tokens: int, key=None, temperatu
         _check_state_batch(state, prompt.shape[0], f"the prompt has batch size {prompt.shape[0]}")
     if max_new_tokens == 0:
         return SampleOutput(_start_tokens(prompt, lengths, prompt.shape[1], end_id or 0), lengths)
+    has_prefill = callable(getattr(model, "prefill", None))
+    if prefill and not has_prefill:
+        raise ConfigError(f"prefill=True but {type(model).__name__} has no prefill method; use prefill=None.")
     use_top_p = top_p is not None and float(top_p) < 1.0
     return _sample_jit(
         model, variables, prompt, lengths, None if greedy else key,
         jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p if use_top_p else 1.0), state,
         max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy, use_top_p=use_top_p, end_id=end_id,
+        prefill=has_prefill if prefill is None else bool(prefill),
     )
 
 

@@ -29,7 +29,7 @@ def log_softmax_np(x):
 
 
 class BigramLM(nn.Module):
-    """logits of the next token = table[current token]."""
+    """logits of the next token = table[current token]. Has a `prefill`, so `sample` takes that path."""
 
     vocab_size: int
 
@@ -45,6 +45,11 @@ class BigramLM(nn.Module):
     def step(self, state, token):
         TRACES["step"] += 1  # Python side effect: runs only while tracing
         return state + 1, self.table[token]
+
+    def prefill(self, state, tokens, mask):
+        lengths = mask.sum(1)
+        last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
+        return state + lengths, self.table[last]
 
 
 class CounterLM(nn.Module):
@@ -260,6 +265,24 @@ def test_sampled_tokens_do_not_depend_on_padding_width():
     np.testing.assert_array_equal(a.lengths, b.lengths)
     np.testing.assert_array_equal(a.tokens, b.tokens[:, : a.tokens.shape[1]])
     assert np.all(np.asarray(b.tokens[:, a.tokens.shape[1]:]) == 0)
+
+
+def test_prefill_path_equals_step_path():
+    model, variables, next_logp = bigram(7, seed=8)
+    prompts, prompt, mask = ragged_batch()
+    for kw in (dict(temperature=0.0), dict(key=jax.random.key(4), temperature=1.0, top_p=0.95)):
+        kw.update(max_new_tokens=6, prompt_mask=mask, end_id=3)
+        a = sample(model, variables, prompt, prefill=None, **kw)  # the model has prefill: used
+        b = sample(model, variables, prompt, prefill=False, **kw)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.lengths, b.lengths)
+    g = sample(model, variables, prompt, max_new_tokens=6, prompt_mask=mask, end_id=3, temperature=0.0)
+    for r, p in enumerate(prompts):
+        want = greedy_np(next_logp, p, 6, end_id=3)
+        assert np.asarray(g.tokens[r]).tolist() == want + [3] * (10 - len(want))
+        assert int(g.lengths[r]) == len(want)
+    with pytest.raises(ConfigError, match="prefill"):
+        sample(*counter(7)[:2], prompt, max_new_tokens=2, temperature=0.0, prefill=True)
 
 
 def test_generation_is_compiled_once_without_python_loop_per_token():
@@ -539,6 +562,10 @@ def test_library_models_greedy_and_beam_agree_with_parallel_form(name):
     mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], bool)
     lengths = mask.sum(1)
     out = sample(model, variables, prompt, prompt_mask=mask, max_new_tokens=5, temperature=0.0)
+    if hasattr(model, "prefill"):  # the TransformerLM: its prefill path must agree with the step path
+        stepped = sample(model, variables, prompt, prompt_mask=mask, max_new_tokens=5, temperature=0.0,
+                         prefill=False)
+        np.testing.assert_array_equal(out.tokens, stepped.tokens)
     seqs, scores = beam_search(model, variables, prompt, prompt_mask=mask, beam_size=K, max_new_tokens=N)
     # Score everything with the parallel form in one call (one compile): the greedy rows, then every
     # one of the V**N continuations of each prompt (padded to the same width; the models are causal).
