@@ -56,12 +56,17 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     Values tied with the k-th largest are all kept (so a row may keep more than k). `k >= V` keeps
     everything. `k` must be a Python int >= 1 (it fixes a shape).
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"top_k must be an int >= 1 (or None for no top-k filter), got {k!r}.")
+    k = _check_top_k(k)
     if k >= logits.shape[-1]:
         return logits
     kth = jax.lax.top_k(logits, int(k))[0][..., -1:]  # [..., 1] the k-th largest value
     return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def _check_top_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"top_k must be an int >= 1 (or None for no top-k filter), got {k!r}.")
+    return int(k)
 
 
 def top_p_filter(logits: jax.Array, p) -> jax.Array:
@@ -280,9 +285,7 @@ def sample(model, variables, prompt, *, max_new_tokens: int, key=None, temperatu
     end_id = _check_common(model, max_new_tokens, end_id)
     if not isinstance(temperature, (int, float, np.floating, np.integer)) or not (math.isfinite(temperature) and temperature >= 0):
         raise ConfigError(f"temperature must be a finite Python float >= 0 (0 = greedy), got {temperature!r}.")
-    if top_k is not None:
-        top_k_filter(jnp.zeros((1, 1)), top_k)  # validates top_k
-        top_k = int(top_k)
+    top_k = None if top_k is None else _check_top_k(top_k)
     if top_p is not None and not (0.0 < float(top_p) <= 1.0):
         raise ConfigError(f"top_p must lie in (0, 1] (or be None for no nucleus filter), got {top_p!r}.")
     greedy = float(temperature) == 0.0
@@ -290,11 +293,11 @@ def sample(model, variables, prompt, *, max_new_tokens: int, key=None, temperatu
         raise ConfigError("sample needs key=jax.random.key(seed) when temperature > 0 (or use temperature=0).")
     if state is not None:
         _check_state_batch(state, prompt.shape[0], f"the prompt has batch size {prompt.shape[0]}")
-    if max_new_tokens == 0:
-        return SampleOutput(_start_tokens(prompt, lengths, prompt.shape[1], end_id or 0), lengths)
     has_prefill = callable(getattr(model, "prefill", None))
     if prefill and not has_prefill:
         raise ConfigError(f"prefill=True but {type(model).__name__} has no prefill method; use prefill=None.")
+    if max_new_tokens == 0:
+        return SampleOutput(_start_tokens(prompt, lengths, prompt.shape[1], end_id or 0), lengths)
     use_top_p = top_p is not None and float(top_p) < 1.0
     return _sample_jit(
         model, variables, prompt, lengths, None if greedy else key,
