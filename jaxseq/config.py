@@ -124,6 +124,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
+    # Mixed precision: parameters and optimizer state stay float32 (so checkpoints do not depend on it and it
+    # is not part of the architecture); "bfloat16" runs the forward/backward in bfloat16, logits and loss float32.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     steps: int = 1500
     eval_every: int = 250
     eval_batches: int = 16

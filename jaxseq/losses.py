@@ -27,17 +27,31 @@ def token_nll(logits, targets, mask):
     return sum_nll, jnp.sum(mask, dtype=jnp.int32)
 
 
-def lm_loss_fn(model):
+def cast_floating(tree, dtype):
+    """Every floating-point leaf of `tree` cast to `dtype` (integer, bool and complex leaves as they are)."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(cast, tree)
+
+
+def lm_loss_fn(model, *, compute_dtype=None):
     """The mean masked next-token loss of a linen LM under the model protocol.
 
     Returns `loss_fn(params, batch, rng) -> (mean_loss, aux)` with batch = {"inputs", "targets", "mask"}
     and aux = {"sum_nll", "num_tokens"}. `rng=None` runs deterministically (evaluation); otherwise
     `rng` is the dropout key. A batch with no valid token gives loss 0 (mean over max(count, 1)),
     never 0/0.
+
+    compute_dtype (e.g. jnp.bfloat16): mixed precision. The (float32) params are cast to it inside the
+    loss, so embeddings, cells and matmuls run in it while the gradients come back float32 (the cast's
+    transpose); logits are upcast and the softmax/loss computed in float32. Modules with their own
+    `dtype` attribute (TransformerLM) must also be built with it, or Flax promotes back to float32.
     """
 
     def loss_fn(params, batch, rng: jax.Array | None = None):
         rngs = None if rng is None else {"dropout": rng}
+        if compute_dtype is not None:
+            params = cast_floating(params, compute_dtype)
         logits = model.apply(
             {"params": params}, batch["inputs"], mask=batch["mask"], deterministic=rng is None, rngs=rngs
         )

@@ -30,6 +30,8 @@ def maybe_initialize_distributed(config: DistributedConfig = DistributedConfig()
     pid = config.process_id if config.process_id >= 0 else int(os.environ.get("JAXSEQ_PROCESS_ID", "-1") or -1)
     if num <= 1 and not coordinator:
         return False
+    if jax.distributed.is_initialized():  # a second train() in the same processes
+        return True
     if not coordinator or num <= 1 or pid < 0:
         raise ConfigError(
             "a multi-process run needs all three of coordinator address, num_processes (> 1) and process_id "

@@ -39,6 +39,8 @@ from jaxseq.checkpoint import CheckpointManager
 from jaxseq.config import OptimConfig, TrainConfig, to_dict
 from jaxseq.errors import ConfigError, DataError, NonFiniteError
 from jaxseq.losses import lm_loss_fn, token_nll
+from jaxseq.sharding import (batch_sharding, check_batch_divisible, make_mesh, maybe_initialize_distributed,
+                             process_rows, replicated, shard_batch, state_shardings)
 
 
 class TrainState(NamedTuple):
@@ -159,15 +161,20 @@ def model_variables(model, params) -> dict:
     return params if is_count_model(model) else {"params": params}
 
 
-def make_eval_step(model):
-    """Jitted `(params, batch) -> (sum_nll, count)`: summed next-token NLL (nats) and valid targets, no dropout."""
+def make_eval_step(model, *, mesh=None, param_shardings=None):
+    """Jitted `(params, batch) -> (sum_nll, count)`: summed next-token NLL (nats) and valid targets, no dropout.
 
-    @jax.jit
+    mesh, param_shardings: compile for params with these shardings and a batch split over `mesh`
+    (as `train()` feeds it); the sums come back replicated, readable by every process.
+    """
+
     def eval_step(params, batch):
         logits = model.apply(model_variables(model, params), batch["inputs"], mask=batch["mask"], deterministic=True)
         return token_nll(logits, batch["targets"], batch["mask"])
 
-    return eval_step
+    if mesh is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
 
 
 def evaluate(eval_step, params, batches) -> dict:
@@ -200,9 +207,17 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
 
     t_start = time.perf_counter()
     _check_loop_config(config)
+    # Before anything touches a JAX backend (jax.devices(), Orbax, arrays): joins the other processes, if any.
+    maybe_initialize_distributed(config.dist)
+    mesh = make_mesh(config.mesh)
+    check_batch_divisible(config.data.batch_size, mesh)
+    rows = process_rows(config.data.batch_size)  # this process's rows of every global batch
+    lead = jax.process_index() == 0  # only process 0 prints and writes config, tokenizer and metrics
+    compute_dtype = _compute_dtype(config)
     run_dir = Path(config.run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    print(json.dumps(to_dict(config), indent=2), flush=True)
+    if lead:
+        print(json.dumps(to_dict(config), indent=2), flush=True)
     with _StopSignals() as stop, CheckpointManager(run_dir, keep=config.keep_checkpoints, config=config) as ckpt:
         resuming = ckpt.latest_step() is not None
         if resuming and not config.resume:
@@ -222,32 +237,57 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
             D.validate_batch(b, vocab_size)
 
         def train_batch(i):
+            # The global batch is a pure function of (seed, i) whatever the mesh; each process feeds its rows.
             batch = D.lm_batch(data.train_ids, batch_size=dc.batch_size, seq_len=dc.seq_len, seed=config.seed, index=i)
-            return D.validate_batch(batch, vocab_size)
+            batch = D.validate_batch(batch, vocab_size)
+            return shard_batch({k: v[rows] for k, v in batch.items()}, mesh)
 
         if is_count_model(model):
+            if jax.process_count() > 1:
+                raise ConfigError(f"--model {config.model} is fitted by counting in one process; start it "
+                                  f"without --dist.* (got {jax.process_count()} processes).")
             return _fit_count_model(config, model, data, val_batches, ckpt, resuming, t_start)
 
+        model = _with_compute_dtype(model, compute_dtype)
         optimizer = make_optimizer(config.optim, config.steps)
-        batch = train_batch(0)
-        params = model.init(jax.random.key(config.seed), jnp.asarray(batch["inputs"][:1]))["params"]
-        state, start = init_train_state(params, optimizer), 0
-        if resuming:
-            state, meta = ckpt.restore(state)
-            start = int(meta["data_position"])
-            _truncate_metrics(metrics_path, start)  # drop lines logged after the checkpoint by the lost run
-            print(f"resumed {run_dir} from step {start}", flush=True)
-        else:
-            metrics_path.unlink(missing_ok=True)
-            data.tokenizer.save(run_dir / "tokenizer.json")
-        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
 
-        step_fn = jax.jit(make_train_step(lm_loss_fn(model), optimizer, seed=config.seed))
-        eval_step = make_eval_step(model)
+        def init_state():  # traced: the tokens only give init its shapes
+            tokens = jnp.zeros((1, dc.seq_len), jnp.int32)
+            return init_train_state(model.init(jax.random.key(config.seed), tokens)["params"], optimizer)
+
+        abstract = jax.eval_shape(init_state)
+        shardings = state_shardings(mesh, abstract)  # FSDP by shape; replicated when --mesh.fsdp 1
+        start = 0
+        if resuming:  # restored straight into this mesh's shardings, whatever mesh saved it
+            template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            state, meta = ckpt.restore(template)
+            start = int(meta["data_position"])
+            if lead:
+                _truncate_metrics(metrics_path, start)  # drop lines logged after the checkpoint by the lost run
+                print(f"resumed {run_dir} from step {start}", flush=True)
+        else:
+            # Created already sharded: no device ever holds more than its shard of a big model.
+            state = jax.jit(init_state, out_shardings=shardings)()
+            if lead:
+                metrics_path.unlink(missing_ok=True)
+                data.tokenizer.save(run_dir / "tokenizer.json")
+        if lead:
+            (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+        # Jitted once for this mesh; the donated state is updated in place.
+        step_fn = jax.jit(
+            make_train_step(lm_loss_fn(model, compute_dtype=compute_dtype), optimizer, seed=config.seed),
+            in_shardings=(shardings, batch_sharding(mesh)),
+            out_shardings=(shardings, replicated(mesh)),
+            donate_argnums=0,
+        )
+        eval_step = make_eval_step(model, mesh=mesh, param_shardings=shardings.params)
+        val_batches = [shard_batch({k: v[rows] for k, v in b.items()}, mesh) for b in val_batches]
         step, last_saved, last_eval, val, stopped = start, (start if resuming else None), None, None, None
         tokens, t_first, paused, m = 0, None, 0.0, {}  # paused: seconds in eval/checkpoints, not in tokens/s
-        batch = train_batch(start) if start > 0 else batch
-        bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
+        batch = train_batch(start)
+        bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and lead), unit="step",
+                   dynamic_ncols=True)
         t_loop = time.perf_counter()
         try:
             for i in range(start, config.steps):
@@ -291,7 +331,8 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
             ckpt.save(step, state, data_position=step)
         ckpt.wait_until_finished()
         if stop.signum is not None:
-            print(f"signal {stop.signum}: saved step {step} in {run_dir}; exiting with {128 + stop.signum}", flush=True)
+            if lead:
+                print(f"signal {stop.signum}: saved step {step} in {run_dir}; exiting with {128 + stop.signum}", flush=True)
             raise SystemExit(128 + stop.signum)
     return {
         "steps": step,
@@ -350,6 +391,27 @@ class _StopSignals:
             signal.signal(s, handler)
 
 
+def _compute_dtype(config: TrainConfig):
+    """None for float32 (nothing to cast), else the jnp dtype of `config.compute_dtype`."""
+    if config.compute_dtype == "float32":
+        return None
+    if config.compute_dtype != "bfloat16":
+        raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}.")
+    if config.model == "lru":
+        raise ConfigError("--model lru needs --compute-dtype float32: its complex eigenvalues have no bfloat16 form.")
+    return jnp.bfloat16
+
+
+def _with_compute_dtype(model, dtype):
+    """A module whose own `dtype` (compute dtype, e.g. TransformerLM's) is `dtype`; others as they are.
+
+    Modules built from cells and dtype-less Flax layers compute in their params' dtype, which the loss casts.
+    """
+    if dtype is None or not hasattr(model, "dtype"):
+        return model
+    return model.clone(dtype=dtype)
+
+
 def _check_loop_config(config: TrainConfig) -> None:
     for name in ("steps", "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
         if getattr(config, name) < 1:
@@ -362,6 +424,8 @@ def _log_eval(path: Path, step: int, result: dict) -> dict:
 
 
 def _append(path: Path, record: dict) -> None:
+    if jax.process_index() != 0:  # in a multi-process run only process 0 writes metrics
+        return
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
