@@ -613,19 +613,16 @@ def test_encoder_decoder_with_caller_built_state():
 
     state = encoder_state(variables, src, src_mask)
     prompt = np.full((2, 1), bos, np.int32)
-    out = sample(model, variables, prompt, max_new_tokens=N, temperature=0.0, state=state)
-    # Beam search tiles the caller's [B] state to B * K rows.
+    # Beam search tiles the caller's [B] state to B * K rows and reorders it (cross-attention memory,
+    # source mask and self-attention caches) with the beams. (Greedy sampling from a caller-built state
+    # is checked on the counter toy; each extra decoder compile here costs seconds.)
     seqs, scores = beam_search(model, variables, prompt, beam_size=K, max_new_tokens=N, state=state)
-    # One teacher-forced pass scores the greedy rows and the K beams of each row.
-    tgt = np.concatenate([np.asarray(out.tokens), np.asarray(seqs).reshape(2 * K, 1 + N)])
-    srcs = np.concatenate([src, np.repeat(src, K, 0)])
-    masks = np.concatenate([src_mask, np.repeat(src_mask, K, 0)])
-    logits = jax.jit(lambda v, s, t, m: model.apply(v, s, t, src_mask=m))(variables, srcs, tgt[:, :-1], masks)
+    # The teacher-forced parallel form scores the K beams of each row.
+    tgt = np.asarray(seqs).reshape(2 * K, 1 + N)
+    fwd = jax.jit(lambda v, s, t, m: model.apply(v, s, t, src_mask=m))
+    logits = fwd(variables, np.repeat(src, K, 0), tgt[:, :-1], np.repeat(src_mask, K, 0))
     lp = log_softmax_np(np.asarray(logits, np.float64))
-    for b in range(2):
-        for pos in range(1, 1 + N):
-            assert lp[b, pos - 1, tgt[b, pos]] >= lp[b, pos - 1].max() - 1e-4
-    want = lp[2:][np.arange(2 * K)[:, None], np.arange(N)[None], tgt[2:, 1:]].sum(1).reshape(2, K)
+    want = lp[np.arange(2 * K)[:, None], np.arange(N)[None], tgt[:, 1:]].sum(1).reshape(2, K)
     np.testing.assert_allclose(np.asarray(scores), want, atol=2e-4)
     assert np.all(np.diff(np.asarray(scores), axis=1) <= 0)
     for b in range(2):
