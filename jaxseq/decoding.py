@@ -16,15 +16,15 @@ it emits `end_id`), so its output occupies positions `[0, L_b + max_new_tokens)`
 row's end is `pad` = `end_id` (or 0 when `end_id` is None), and `lengths` says where each row ends.
 
 The whole generation (prompt and new tokens) is one `lax.scan` under one `jax.jit`; the model, the
-number of new tokens, top_k, beam_size and end_id are static, so a new value of one of them compiles
-again, while new keys, temperatures, top_p values, prompts or params do not. This loop feeds back its
+number of new tokens, top_k, beam_size, end_id, greedy-or-not and top_p-or-not are static, so changing
+one compiles again, while new keys, temperatures > 0, top_p values, prompts or params do not. This loop feeds back its
 own outputs, which `jaxseq.scan.unroll` (a scan over precomputed inputs) cannot express, hence its own
 scan here.
 
 `sample` uses a model's optional `prefill(state, tokens [B, P], mask [B, P]) -> (state, logits [B, V])`
 (the whole right-padded prompt in one parallel call, logits at each row's last valid token; the
-TransformerLM has one) when it exists: then each row generates from its own position in a scan of
-exactly `max_new_tokens` steps, which needs every state leaf to be per row (batch leading axis).
+TransformerLM has one) when it exists: then each row generates from its own position, with only
+`max_new_tokens - 1` steps after the prefill, which needs every state leaf to be per row (batch axis).
 `prefill=False` forces the step path; `beam_search` always uses the step path.
 
 RNG: row b's token at absolute position t is drawn with `fold_in(fold_in(key, t), b)`, so the two
