@@ -1,0 +1,201 @@
+"""GPT train step, tokens/s: jaxseq's TransformerLM vs an eager PyTorch nanoGPT of the same size.
+
+nanoGPT's char-level Shakespeare config shrunk to CPU size (4 layers, 4 heads, d_model 128, d_ff 512,
+context 64, batch 12, vocab 65, no dropout, tied embeddings, learned positions, tanh GELU). One step =
+forward, cross-entropy, backward, AdamW update, on random tokens (speed does not depend on the data).
+
+  * jaxseq:      TransformerLM.from_config(...); one `jax.jit` of loss + grad + optax.adamw, params and
+                 optimizer state donated.
+  * torch-eager: nanoGPT's model (F.scaled_dot_product_attention, is_causal=True) + torch.optim.AdamW,
+                 eager, torch.set_num_threads(os.cpu_count()).
+
+Both run in one process, after warm-up, interleaved (one step of each in turn, `--repeats` rounds), so
+a busy shared CPU slows them alike. Prints JSON lines: one per implementation (compile/first-step
+seconds separately from the median step ms, tokens/s, achieved GFLOP/s with nanoGPT's FLOP count),
+then one with the ratio jaxseq / torch.
+
+    python benchmarks/gpt_step.py                 # defaults above
+    python benchmarks/gpt_step.py --repeats 20 --batch 32 --context 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn as tnn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxseq.config import TransformerConfig  # noqa: E402
+from jaxseq.models.transformer import TransformerLM  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------- torch nanoGPT
+
+
+class CausalSelfAttention(tnn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.h = h
+        self.c_attn = tnn.Linear(d, 3 * d)
+        self.c_proj = tnn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(tnn.Module):
+    def __init__(self, d, h, d_ff):
+        super().__init__()
+        self.ln_1, self.ln_2 = tnn.LayerNorm(d), tnn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, h)
+        self.mlp = tnn.Sequential(tnn.Linear(d, d_ff), tnn.GELU(approximate="tanh"), tnn.Linear(d_ff, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(tnn.Module):
+    def __init__(self, vocab, ctx, layers, d, h, d_ff):
+        super().__init__()
+        self.wte, self.wpe = tnn.Embedding(vocab, d), tnn.Embedding(ctx, d)
+        self.h = tnn.ModuleList(Block(d, h, d_ff) for _ in range(layers))
+        self.ln_f = tnn.LayerNorm(d)
+        self.lm_head = tnn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        for p in self.parameters():
+            if p.dim() == 2:
+                tnn.init.normal_(p, std=0.02)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+# ---------------------------------------------------------------------------------- jaxseq
+
+
+def make_jax_step(model, optimizer):
+    def loss_fn(params, x, y):
+        logits = model.apply(params, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def flops_per_step(n_params_no_pos: int, layers: int, d: int, ctx: int, batch: int) -> float:
+    """nanoGPT's estimate (PaLM appendix B): 6N per token plus attention's 12 * L * d * T per token."""
+    return (6 * n_params_no_pos + 12 * layers * d * ctx) * ctx * batch
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=65)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    L, H, D, T, B, V = args.layers, args.heads, args.d_model, args.context, args.batch, args.vocab
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+
+    cfg = TransformerConfig(num_layers=L, num_heads=H, d_model=D, d_ff=4 * D, max_len=T, dropout=0.0)
+    model = TransformerLM.from_config(cfg, vocab_size=V)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, V, (B, T + 1)) for _ in range(4)]
+    jx = [(jnp.asarray(b[:, :-1], jnp.int32), jnp.asarray(b[:, 1:], jnp.int32)) for b in batches]
+    tx = [(torch.from_numpy(b[:, :-1].copy()).long(), torch.from_numpy(b[:, 1:].copy()).long()) for b in batches]
+
+    params = jax.jit(model.init)(jax.random.key(0), jx[0][0])
+    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.0)
+    opt_state = optimizer.init(params)
+    jstep = make_jax_step(model, optimizer)
+    t0 = time.perf_counter()
+    params, opt_state, jloss = jstep(params, opt_state, *jx[0])
+    jloss.block_until_ready()
+    jax_compile_s = time.perf_counter() - t0
+
+    net = NanoGPT(V, T, L, D, H, 4 * D)
+    topt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def tstep(x, y):
+        loss = net(x, y)
+        topt.zero_grad(set_to_none=True)
+        loss.backward()
+        topt.step()
+        return loss
+
+    t0 = time.perf_counter()
+    tloss = tstep(*tx[0])
+    torch_first_s = time.perf_counter() - t0
+
+    n_params = sum(x.size for x in jax.tree.leaves(params)) - T * D  # nanoGPT leaves positions out
+    n_torch = sum(p.numel() for p in net.parameters()) - T * D
+    assert n_params == n_torch, (n_params, n_torch)
+    for i in range(args.warmup):
+        params, opt_state, jloss = jstep(params, opt_state, *jx[i % 4])
+        jloss.block_until_ready()
+        tstep(*tx[i % 4])
+
+    times = {"jaxseq": [], "torch-eager": []}
+    for i in range(args.repeats):
+        t0 = time.perf_counter()
+        params, opt_state, jloss = jstep(params, opt_state, *jx[i % 4])
+        jloss.block_until_ready()
+        times["jaxseq"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        tloss = tstep(*tx[i % 4])
+        times["torch-eager"].append(time.perf_counter() - t0)
+
+    flops = flops_per_step(n_params, L, D, T, B)
+    config = dict(layers=L, heads=H, d_model=D, d_ff=4 * D, context=T, batch=B, vocab=V, params=n_params)
+    common = dict(config=config, repeats=args.repeats, load=[round(x, 2) for x in os.getloadavg()],
+                  jax=jax.__version__, torch=torch.__version__, device=jax.devices()[0].device_kind)
+    rows = {}
+    for name, ts, first, loss in (
+        ("jaxseq", times["jaxseq"], jax_compile_s, float(jloss)),
+        ("torch-eager", times["torch-eager"], torch_first_s, tloss.item()),
+    ):
+        med = statistics.median(ts)
+        rows[name] = med
+        print(json.dumps(dict(
+            impl=name, compile_or_first_step_s=round(first, 3), step_ms=round(1e3 * med, 3),
+            step_ms_iqr=[round(1e3 * q, 3) for q in statistics.quantiles(ts, n=4)[::2]],
+            tokens_per_s=round(B * T / med, 1), gflops_per_s=round(flops / med / 1e9, 2),
+            final_loss=round(loss, 4), **common,
+        )))
+    print(json.dumps(dict(ratio="jaxseq/torch-eager tokens/s", value=round(rows["torch-eager"] / rows["jaxseq"], 3),
+                          uniform_loss=round(math.log(V), 4), **common)))
+
+
+if __name__ == "__main__":
+    main()
