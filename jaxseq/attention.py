@@ -139,6 +139,13 @@ def attention(
       (finite) gradients into q, k, v through that row.
     """
     B, T, H, S = _check_qkv(q, k, v)
+    if bias is not None:
+        try:
+            ok = np.broadcast_shapes(_shape(bias), (B, H, T, S)) == (B, H, T, S) and len(_shape(bias)) <= 4
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ShapeError(f"bias has shape {_shape(bias)}; it must broadcast to [batch, heads, queries, keys] = {(B, H, T, S)}.")
     full = None
     if mask is not None:
         full = _as_4d_mask(mask, B, T, H, S)

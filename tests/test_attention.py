@@ -9,7 +9,7 @@ from jaxseq.attention import KVCache, apply_rope, attention, check_cache_room, s
 from jaxseq.errors import ConfigError, ShapeError
 
 
-def np_attention(q, k, v, mask=None, causal=False, q_offset=0, scale=None):
+def np_attention(q, k, v, mask=None, causal=False, q_offset=0, scale=None, bias=None):
     """float64 reference. q [B,T,H,d], k/v [B,S,K,d]; mask broadcastable to [B,H,T,S]; zeros for empty rows."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, H, d = q.shape
@@ -36,6 +36,8 @@ def np_attention(q, k, v, mask=None, causal=False, q_offset=0, scale=None):
                 if not ok.any():
                     continue
                 logits = scale * k[b, :, kh] @ q[b, t, h]
+                if bias is not None:
+                    logits = logits + np.broadcast_to(bias, (B, H, T, S))[b, h, t]
                 logits = np.where(ok, logits, -np.inf)
                 p = np.exp(logits - logits.max())
                 p /= p.sum()
@@ -68,6 +70,7 @@ CASES = {
     "mqa": dict(K=1, causal=True, T=7, S=7),
     "mha": dict(K=4, mask="kpad"),
     "scale": dict(scale=0.3),
+    "bias_causal": dict(T=6, S=6, causal=True, bias="alibi"),
 }
 
 
@@ -88,7 +91,12 @@ def test_matches_float64_numpy(case):
     B, T, S, H, K = 2, c.pop("T", 5), c.pop("S", 7), 4, c.pop("K", 2)
     q, k, v = rand_qkv(B, T, S, H, K)
     mask = make_mask(c.pop("mask", None), B, T, S, H, np.random.default_rng(1))
-    out = jit_attention(**c)(q, k, v, None if mask is None else jnp.asarray(mask))
+    if c.get("bias") == "alibi":  # a per-head linear distance penalty, [1, H, T, S]
+        slopes = 2.0 ** -np.arange(1, H + 1)
+        c["bias"] = -slopes[None, :, None, None] * np.abs(np.arange(T)[:, None] - np.arange(S)[None, :])
+    out = jit_attention(**{**c, "bias": None if c.get("bias") is None else jnp.asarray(c["bias"], jnp.float32)})(
+        q, k, v, None if mask is None else jnp.asarray(mask)
+    )
     ref = np_attention(q, k, v, mask=mask, **c)
     assert out.shape == q.shape and out.dtype == q.dtype
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-6, rtol=1e-5)
@@ -184,6 +192,7 @@ def test_gradients_match_a_plain_jnp_softmax():
         (((2, 5, 4, 8), (2, 6, 2, 8), (2, 6, 2, 8)), {"mask": np.ones((2, 3, 5, 6), bool)}, "rank 4"),
         (((2, 5, 4, 8), (2, 6, 2, 8), (2, 6, 2, 8)), {"mask": np.ones((2, 6), np.float32)}, "boolean"),
         (((2, 5, 4, 8), (2, 6, 2, 8), (2, 6, 2, 8)), {"causal": True, "q_offset": np.array([1, 2, 3])}, "q_offset"),
+        (((2, 5, 4, 8), (2, 6, 2, 8), (2, 6, 2, 8)), {"bias": np.zeros((2, 4, 5, 5), np.float32)}, "bias"),
     ],
 )
 def test_bad_shapes_raise(shapes, kwargs, match):
