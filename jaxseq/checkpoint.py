@@ -383,10 +383,14 @@ def _close_at_exit(mngr, where: str) -> None:
     """weakref.finalize callback of a CheckpointManager that was never closed (it holds no reference to it)."""
     try:
         mngr.wait_until_finished()
-        mngr.close()
     except Exception as e:  # at interpreter exit nothing can catch it: say it loudly
         print(f"jaxseq: a checkpoint save in {where} failed and was never reported (the CheckpointManager "
               f"was not closed): {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    finally:
+        try:
+            mngr.close()
+        except Exception:  # already reported above
+            pass
 
 
 def _stored_leaves(tree_metadata) -> dict:
