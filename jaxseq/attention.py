@@ -29,7 +29,7 @@ import numpy as np
 from jaxseq.checks import is_concrete
 from jaxseq.errors import ConfigError, ShapeError
 
-_IMPLEMENTATIONS = (None, "xla", "cudnn")
+_IMPLEMENTATIONS = (None, "xla", "cudnn", "flash")
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -111,6 +111,31 @@ def _pick_implementation(q, implementation):
     return ["xla"]
 
 
+# On CPU, jaxseq.flash_attention (blockwise, skips the causal masked half, own backward) beats the
+# dense XLA lowering from this length on (benchmarks/attention_scaling.py); on GPU cuDNN stays.
+FLASH_MIN_LEN = 512
+
+
+def _maybe_flash(q, k, v, mask, causal, bias, q_offset, scale, implementation):
+    """Route to flash_attention when asked, or (auto) on CPU for long sequences it can express."""
+    T, S = q.shape[1], k.shape[1]
+    auto = implementation is None and jax.default_backend() == "cpu" and min(T, S) >= FLASH_MIN_LEN
+    if implementation != "flash" and not auto:
+        return None
+    if bias is not None or (mask is not None and len(_shape(mask)) != 2):
+        if auto:
+            return None
+        raise ConfigError(
+            "implementation='flash' takes causal masking and a key-padding mask [batch, keys] only; "
+            "use implementation='xla' for a bias or a [B, T, S] / [B, H, T, S] mask."
+        )
+    from jaxseq.flash_attention import flash_attention
+
+    if mask is not None:
+        mask = _as_4d_mask(mask, q.shape[0], T, q.shape[2], S)[:, 0, 0, :]  # checks shape and dtype
+    return flash_attention(q, k, v, causal=causal, key_padding_mask=mask, q_offset=q_offset, scale=scale)
+
+
 def attention(
     q,
     k,
@@ -132,7 +157,9 @@ def attention(
       bias: float, broadcastable to [B, H, T, S], added to the logits (use `mask` for masking).
       q_offset: absolute position of query 0: int, or int array [B] (one per row). Only used if causal.
       scale: logit scale, default 1/sqrt(d).
-      implementation: None (auto: cuDNN on GPU when eligible, else XLA), "xla" or "cudnn".
+      implementation: None (auto: cuDNN on GPU when eligible; on CPU "flash" from FLASH_MIN_LEN
+        queries and keys when the mask is causal and/or key padding; else XLA), "xla", "cudnn", or
+        "flash" (jaxseq.flash_attention: blockwise, no bias or full mask).
 
     Returns:
       [B, T, H, d] in q's dtype. A query whose mask row is all False returns exact zeros, with zero
@@ -146,6 +173,11 @@ def attention(
             ok = False
         if not ok:
             raise ShapeError(f"bias has shape {_shape(bias)}; it must broadcast to [batch, heads, queries, keys] = {(B, H, T, S)}.")
+    if implementation not in _IMPLEMENTATIONS:
+        raise ConfigError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}.")
+    flash = _maybe_flash(q, k, v, mask, causal, bias, q_offset, scale, implementation)
+    if flash is not None:
+        return flash
     full = None
     if mask is not None:
         full = _as_4d_mask(mask, B, T, H, S)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxseq.attention import _check_qkv  # the shared shape checks (attention imports this module lazily)
 from jaxseq.errors import ConfigError, ShapeError
 
 # Measured on the 2-core CPU (benchmarks/attention_scaling.py, README of that script).
@@ -353,8 +354,6 @@ def flash_attention(
       [B, T, H, d] in q's dtype. A query that may attend to no key returns exact zeros, with zero
       (finite) gradients.
     """
-    from jaxseq.attention import _check_qkv  # the shared shape checks (lazy: attention imports us)
-
     B, T, H, S = _check_qkv(q, k, v)
     Hkv, d = k.shape[2], q.shape[3]
     G = H // Hkv
