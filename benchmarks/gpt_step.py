@@ -7,7 +7,7 @@ forward, cross-entropy, backward, AdamW update, on random tokens (speed does not
   * jaxseq:      TransformerLM.from_config(...); one `jax.jit` of loss + grad + optax.adamw, params and
                  optimizer state donated.
   * torch-eager: nanoGPT's model (F.scaled_dot_product_attention, is_causal=True) + torch.optim.AdamW,
-                 eager, torch.set_num_threads(os.cpu_count()).
+                 eager, torch.set_num_threads(--torch-threads, default os.cpu_count()).
 
 Both run in one process, after warm-up, interleaved (one step of each in turn, `--repeats` rounds), so
 a busy shared CPU slows them alike. Prints JSON lines: one per implementation (compile/first-step
@@ -123,9 +123,11 @@ def main():
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=30)
+    # On a shared, oversubscribed CPU torch's OpenMP threads spin-wait; 1 thread is then fairer.
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     L, H, D, T, B, V = args.layers, args.heads, args.d_model, args.context, args.batch, args.vocab
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
 
     cfg = TransformerConfig(num_layers=L, num_heads=H, d_model=D, d_ff=4 * D, max_len=T, dropout=0.0)
@@ -179,7 +181,7 @@ def main():
     flops = flops_per_step(n_params, L, D, T, B)
     config = dict(layers=L, heads=H, d_model=D, d_ff=4 * D, context=T, batch=B, vocab=V, params=n_params)
     common = dict(config=config, repeats=args.repeats, load=[round(x, 2) for x in os.getloadavg()],
-                  jax=jax.__version__, torch=torch.__version__, device=jax.devices()[0].device_kind)
+                  torch_threads=args.torch_threads, jax=jax.__version__, torch=torch.__version__, device=jax.devices()[0].device_kind)
     rows = {}
     for name, ts, first, loss in (
         ("jaxseq", times["jaxseq"], jax_compile_s, float(jloss)),
