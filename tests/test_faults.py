@@ -31,6 +31,7 @@ from orbax.checkpoint._src.serialization import serialization as orbax_serializa
 from jaxseq.checkpoint import CheckpointManager
 from jaxseq.config import DataConfig, OptimConfig, TrainConfig
 from jaxseq.data import CharTokenizer, DataBundle
+from jaxseq.data.corpus import stdlib_cache_path
 from jaxseq.errors import CheckpointError
 from jaxseq.fingerprints import fingerprints
 
@@ -38,8 +39,8 @@ STEPS, EVERY = 40, 5
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n" * 24
 
 
-def cli_args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
-    return ["train", "--model", "additive", "--additive.d-embed", "16", "--data.source", str(corpus),
+def cli_args(run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--model", "additive", "--additive.d-embed", "16", "--data.source", "stdlib",
             "--data.seq-len", "16", "--data.batch-size", "4", "--optim.warmup-steps", "5", "--steps", str(STEPS),
             "--eval-every", "20", "--eval-batches", "2", "--checkpoint-every", str(EVERY), "--no-progress",
             "--run-dir", str(run_dir), *extra]
@@ -98,11 +99,18 @@ elif mode == "shard_check":
 '''
 
 
-def env_for(cache_dir: Path, **extra) -> dict:
+def env_for(tmp: Path, **extra) -> dict:
+    """The subprocesses' environment: a persistent compilation cache, so that every process after the first
+    loads the train step instead of compiling it, and TEXT as the "stdlib" corpus (its cache file), so that
+    no process spends seconds importing HF datasets (and torch) to read a 2 KB file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXSEQ_", "XLA_FLAGS"))}
-    # The persistent compilation cache: every later process loads the train step instead of compiling it.
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXSEQ_CACHE", str(tmp / "jaxseq_cache"))
+        corpus = stdlib_cache_path()
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text(TEXT)
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAXSEQ_CACHE=str(tmp / "jaxseq_cache"), **extra)
     return env
 
 
@@ -148,23 +156,22 @@ def metrics(run_dir: Path) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    corpus, driver = tmp / "corpus.txt", tmp / "driver.py"
-    corpus.write_text(TEXT)
+    driver = tmp / "driver.py"
     driver.write_text(DRIVER)
-    env = env_for(tmp / "jax_cache")
+    env = env_for(tmp)
     cli = ["-m", "jaxseq.cli"]
     out = {"tmp": tmp}
 
-    rc, log = finish(start(cli + cli_args(tmp / "reference", corpus), env, tmp / "reference.log"), tmp / "reference.log")
+    rc, log = finish(start(cli + cli_args(tmp / "reference"), env, tmp / "reference.log"), tmp / "reference.log")
     assert rc == 0, log[-3000:]
     out["reference"] = metrics(tmp / "reference")
 
     # Three faulty runs at once.
     procs = {
-        "sigkill": start(cli + cli_args(tmp / "sigkill", corpus), env, tmp / "sigkill.log"),
-        "in_save": start([str(driver), f"kill_in_save={3 * EVERY}"] + cli_args(tmp / "in_save", corpus), env,
+        "sigkill": start(cli + cli_args(tmp / "sigkill"), env, tmp / "sigkill.log"),
+        "in_save": start([str(driver), f"kill_in_save={3 * EVERY}"] + cli_args(tmp / "in_save"), env,
                          tmp / "in_save.log"),
-        "sigterm": start(cli + cli_args(tmp / "sigterm", corpus), env, tmp / "sigterm.log"),
+        "sigterm": start(cli + cli_args(tmp / "sigterm"), env, tmp / "sigterm.log"),
     }
     signal_when_committed([(procs["sigkill"], tmp / "sigkill", signal.SIGKILL),
                            (procs["sigterm"], tmp / "sigterm", signal.SIGTERM)])
@@ -175,7 +182,7 @@ def runs(tmp_path_factory):
                      "metrics": metrics(tmp / name)}
 
     # Their resumes at once, each with the plain command.
-    procs = {name: start(cli + cli_args(tmp / name, corpus, "--resume"), env, tmp / f"{name}.resume.log")
+    procs = {name: start(cli + cli_args(tmp / name, "--resume"), env, tmp / f"{name}.resume.log")
              for name in ("sigkill", "in_save", "sigterm")}
     for name, proc in procs.items():
         rc, log = finish(proc, tmp / f"{name}.resume.log")
@@ -470,7 +477,7 @@ def test_fingerprints_do_not_depend_on_the_sharding_and_verify_on_one_device(tmp
     """8 fake devices fingerprint and save a sharded state; this 1-device process restores and verifies it."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = env_for(tmp_path / "jax_cache", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = env_for(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     tree = shard_tree()
     np.savez(tmp_path / "tree.npz", **{**tree, "h": tree["h"].view(np.uint16)})
     proc = subprocess.run([sys.executable, str(driver), f"shard_check={tmp_path / 'run'},{tmp_path / 'tree.npz'}"],
