@@ -117,7 +117,14 @@ def unroll(cell, params, xs, *, mask=None, carry=None, resets=None, reverse: boo
     """
     check_features(xs, cell.d_in, name="xs")
     batch, steps = xs.shape[:2]
-    mask = jnp.ones((batch, steps), bool) if mask is None else check_mask(mask, (batch, steps), name="mask")
+    if mask is None:
+        mask = jnp.ones((batch, steps), bool)
+    else:
+        mask = check_mask(mask, (batch, steps), name="mask")
+        # Zero the padding: a masked step's output is discarded, but its backward pass still
+        # multiplies a zero cotangent by the step's derivatives, and 0 * NaN (from NaN/inf
+        # garbage in padding) would poison every weight gradient.
+        xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
     resets = jnp.zeros((batch, steps), bool) if resets is None else check_mask(resets, (batch, steps), name="resets")
     if carry is None:
         carry = cell.initial_carry((batch,), xs.dtype)

@@ -14,6 +14,15 @@ _unroll = jax.jit(unroll, static_argnames=("cell", "reverse", "unroll"))
 
 D_IN, H = 5, 7  # odd sizes on purpose: a transposed weight would not broadcast silently
 
+
+def np_init(cell, seed=0):
+    """Params of `cell`'s layout drawn with NumPy: `cell.init` compiles a threefry kernel per
+    weight shape (seconds each on a busy CPU), which would dominate these tests' run time."""
+    shapes = jax.eval_shape(cell.init, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.uniform(-0.4, 0.4, s.shape), s.dtype), shapes)
+
+
 CELLS = {
     "elman_tanh": lambda d, h: Elman(d, h, nonlinearity="tanh"),
     "elman_relu": lambda d, h: Elman(d, h, nonlinearity="relu"),
@@ -97,7 +106,7 @@ def _assert_tree_close(got, want, rtol=1e-5, atol=1e-5):
 @pytest.mark.parametrize("batch,steps", [(3, 6), (1, 1), (1, 4)])
 def test_unroll_matches_numpy(kind, batch, steps):
     cell = CELLS[kind](D_IN, H)
-    params = cell.init(jax.random.key(0))
+    params = np_init(cell, 0)
     rng = np.random.default_rng(1)
     xs = rng.normal(size=(batch, steps, D_IN))
     carry0 = _random_carry(kind, rng, (batch, H))
@@ -115,7 +124,7 @@ def test_unroll_matches_numpy(kind, batch, steps):
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_step_with_leading_batch_dims(kind):
     cell = CELLS[kind](D_IN, H)
-    params = cell.init(jax.random.key(2))
+    params = np_init(cell, 2)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2, 3, D_IN))
     carry0 = _random_carry(kind, rng, (2, 3, H))
@@ -132,13 +141,15 @@ def test_step_with_leading_batch_dims(kind):
 def test_init_follows_pytorch_layout_and_bounds():
     for kind, gates in [("elman_tanh", 1), ("lstm", 4), ("gru", 3)]:
         cell = CELLS[kind](D_IN, H)
-        p = cell.init(jax.random.key(0))
+        p = jax.eval_shape(cell.init, jax.random.key(0))  # shapes only: no threefry compile per kind
         assert p["w_ih"].shape == (D_IN, gates * H) and p["w_hh"].shape == (H, gates * H)
         assert p["b_ih"].shape == (gates * H,) and p["b_hh"].shape == (gates * H,)
-        bound = 1 / np.sqrt(H)
-        for v in p.values():
-            assert v.dtype == jnp.float32 and float(jnp.abs(v).max()) <= bound
-        assert cell.d_out == H
+        assert all(v.dtype == jnp.float32 for v in p.values()) and cell.d_out == H
+    # values (one shared init for all three): U(-1/sqrt(H), 1/sqrt(H)), as PyTorch
+    bound = 1 / np.sqrt(H)
+    for v in LSTM(D_IN, H).init(jax.random.key(0)).values():
+        v = np.asarray(v)
+        assert np.abs(v).max() <= bound and v.max() > 0.7 * bound and v.min() < -0.7 * bound
 
 
 # --- PyTorch ---------------------------------------------------------------------------------
@@ -296,7 +307,7 @@ def test_round_trip_jax_params_into_torch(kind):
     nonlin = kind[4:] if kind.startswith("rnn") else "tanh"
     layer = lambda d: make_cell(base, d, H, nonlinearity=nonlin)  # noqa: E731
     cell = stack([bidirectional(layer(D_IN)), bidirectional(layer(2 * H))])
-    params = cell.init(jax.random.key(5))
+    params = np_init(cell, 5)
 
     kwargs = torch_kwargs(cell)
     assert kwargs["num_layers"] == 2 and kwargs["bidirectional"] and kwargs["input_size"] == D_IN
@@ -320,10 +331,10 @@ def test_to_torch_rejects_unportable_cells():
 
     residual = stack([LSTM(H, H), LSTM(H, H)], residual=True)
     with pytest.raises(ConfigError, match="residual"):
-        to_torch_state_dict(residual, residual.init(jax.random.key(0)))
+        to_torch_state_dict(residual, np_init(residual, 0))
     mixed = stack([LSTM(D_IN, H), GRU(H, H)])
     with pytest.raises(ConfigError, match="layer 1"):
-        to_torch_state_dict(mixed, mixed.init(jax.random.key(0)))
+        to_torch_state_dict(mixed, np_init(mixed, 0))
 
 
 def test_carry_conversion_round_trip_and_errors():
@@ -361,8 +372,8 @@ def _np_zero_carry(kind, shape):
 def test_stack_unroll_equals_stepping_and_numpy(residual):
     cell = _three_layer_stack(residual)
     assert [cell.uses_residual(i) for i in range(3)] == [False, residual, residual]  # 5 -> 7 cannot add
-    params = cell.init(jax.random.key(0))
-    xs = jax.random.normal(jax.random.key(1), (2, 5, D_IN))
+    params = np_init(cell, 0)
+    xs = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, D_IN)), jnp.float32)
     mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
     ys, carry = _unroll(cell, params, xs, mask=mask)
 
@@ -388,9 +399,9 @@ def test_stack_unroll_equals_stepping_and_numpy(residual):
 def test_stack_dropout_only_with_key_deterministic_rate_and_scaling():
     # Layer 1 is tanh(x @ I): it shows layer 0's output after dropout, element by element.
     cell = Stack((Elman(D_IN, 64), Elman(64, 64)), dropout=0.3)
-    params = cell.init(jax.random.key(0))
+    params = np_init(cell, 0)
     params["layer_1"] = {"w_ih": jnp.eye(64), "w_hh": jnp.zeros((64, 64)), "b_ih": jnp.zeros(64), "b_hh": jnp.zeros(64)}
-    xs = jax.random.normal(jax.random.key(1), (4, 8, D_IN))
+    xs = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, D_IN)), jnp.float32)
     clean, _ = _unroll(cell, params, xs)  # no key: no dropout
     a, _ = _unroll(cell, params, xs, key=jax.random.key(7))
     b, _ = _unroll(cell, params, xs, key=jax.random.key(7))
@@ -410,16 +421,16 @@ def test_stack_dropout_only_with_key_deterministic_rate_and_scaling():
 
 
 def test_stack_dropout_zero_and_last_layer_never_drop():
-    xs = jax.random.normal(jax.random.key(1), (4, 6, D_IN))
+    xs = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6, D_IN)), jnp.float32)
     # the last layer's output is never dropped: a one-layer stack with dropout is the bare cell
     one = Stack((LSTM(D_IN, H),), dropout=0.5)
-    p1 = one.init(jax.random.key(3))
+    p1 = np_init(one, 3)
     y_one, _ = _unroll(one, p1, xs, key=jax.random.key(7))
     y_bare, _ = _unroll(one.cells[0], p1["layer_0"], xs)
     np.testing.assert_allclose(np.asarray(y_one), np.asarray(y_bare), rtol=1e-6, atol=1e-6)
     # dropout 0 with a key: a no-op
     two = Stack((LSTM(D_IN, H), LSTM(H, H)), dropout=0.0)
-    p2 = two.init(jax.random.key(4))
+    p2 = np_init(two, 4)
     with_key, _ = _unroll(two, p2, xs, key=jax.random.key(7))
     without, _ = _unroll(two, p2, xs)
     np.testing.assert_array_equal(np.asarray(with_key), np.asarray(without))
@@ -445,12 +456,12 @@ def test_error_messages_name_the_field():
     with pytest.raises(ConfigError, match="d_in"):
         Bidirectional(LSTM(D_IN, H), LSTM(D_IN + 1, H))
     cell = LSTM(D_IN, H)
-    params = cell.init(jax.random.key(0))
+    params = np_init(cell, 0)
     with pytest.raises(ShapeError, match="d_in=5"):
         cell.step(params, cell.initial_carry((2,)), jnp.zeros((2, D_IN + 1)))
     bi = bidirectional(cell)
     with pytest.raises(ConfigError, match="unroll"):
-        bi.step(bi.init(jax.random.key(0)), bi.initial_carry((2,)), jnp.zeros((2, D_IN)))
+        bi.step(np_init(bi, 0), bi.initial_carry((2,)), jnp.zeros((2, D_IN)))
 
 
 def test_make_cell_builds_the_named_cell():
