@@ -59,6 +59,41 @@ def _combine(left, right):
     return a1 * a2, a2 * b1 + b2
 
 
+def _scan_from_zero(a, b):
+    """h_t = a_t h_{t-1} + b_t from h_{-1} = 0 along axis 1; returns h [B, T, *S]."""
+    return jax.lax.associative_scan(_combine, (a, b), axis=1)[1]
+
+
+@jax.custom_vjp
+def affine_scan(a, b):
+    """`_scan_from_zero` with a hand-written backward pass that is itself one reverse scan.
+
+    The adjoint of h_t = a_t h_{t-1} + b_t is lam_t = g_t + a_{t+1} lam_{t+1} (g = dL/dh),
+    giving db_t = lam_t and da_t = lam_t h_{t-1} (JAX's transpose convention, no complex
+    conjugate). Why by hand: differentiating through `associative_scan` builds a graph
+    that compiled 2x slower (measured, CPU, [8, T, 256]: 8.7 s vs 4.4 s at T = 4096; 3.2 s
+    vs 2.4 s at T = 64) and keeps every level's intermediates alive, for the same run time.
+    Cost: forward-mode AD (jax.jvp, jax.hessian) does not go through a custom_vjp.
+    """
+    return _scan_from_zero(a, b)
+
+
+def _affine_scan_fwd(a, b):
+    h = _scan_from_zero(a, b)
+    return h, (a, h)
+
+
+def _affine_scan_bwd(res, g):
+    a, h = res
+    a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
+    lam = jnp.flip(_scan_from_zero(jnp.flip(a_next, 1), jnp.flip(g, 1)), 1)
+    h_prev = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
+    return lam * h_prev, lam
+
+
+affine_scan.defvjp(_affine_scan_fwd, _affine_scan_bwd)
+
+
 def linear_scan(a, b, mask, carry0, resets):
     """All states of h_t = a_t h_{t-1} + b_t with unroll's masks and resets, in parallel.
 
@@ -75,7 +110,7 @@ def linear_scan(a, b, mask, carry0, resets):
     c0 = carry0[:, None]
     b = jnp.where(r, a * c0 + b, b)
     a = jnp.where(r, jnp.zeros_like(a), a)
-    _, hs = jax.lax.associative_scan(_combine, (a, b), axis=1)
+    hs = affine_scan(a, b)
     return hs, hs[:, -1]
 
 
