@@ -57,7 +57,7 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
         fsdp = n // data if data > 0 and n % data == 0 else 0
     if data < 1 or fsdp < 1 or data * fsdp != n:
         raise ConfigError(
-            f"mesh data={config.data} x fsdp={config.fsdp} does not fit the {n} available devices; "
+            f"--mesh.data {config.data} x --mesh.fsdp {config.fsdp} does not fit the {n} available devices; "
             f"choose sizes whose product is {n} (or -1 for one of them). For fake CPU devices set "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported."
         )
@@ -95,7 +95,7 @@ def check_batch_divisible(batch_size: int, mesh: Mesh):
     n = mesh.size
     if batch_size % n:
         raise ConfigError(
-            f"data.batch_size={batch_size} must be divisible by the {n} devices of the mesh "
+            f"--data.batch-size {batch_size} must be divisible by the {n} devices of the mesh "
             f"(each device takes batch_size / {n} rows); use a multiple of {n}."
         )
 
@@ -104,7 +104,7 @@ def process_rows(batch_size: int) -> slice:
     """The rows of the global batch that this process feeds (contiguous, in process order)."""
     count = jax.process_count()
     if batch_size % count:
-        raise ConfigError(f"data.batch_size={batch_size} must be divisible by the {count} processes.")
+        raise ConfigError(f"--data.batch-size {batch_size} must be divisible by the {count} processes.")
     per = batch_size // count
     return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
