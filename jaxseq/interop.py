@@ -182,7 +182,8 @@ def to_torch(cell, params, *, batch_first: bool = False):
 def _unit_carries(cell):
     """Per (layer, direction) base cells in torch's order (layer-major, direction-minor)."""
     layers, dirs, _ = _torch_layout(cell)
-    return [c for layer, _ in layers for c in ((layer.forward, layer.backward) if dirs == 2 else (layer,))], layers, dirs
+    units = [c for layer, _ in layers for c in ((layer.forward, layer.backward) if dirs == 2 else (layer,))]
+    return units, layers, dirs
 
 
 def carry_from_torch(cell, h, c=None):
