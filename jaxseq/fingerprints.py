@@ -71,7 +71,11 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     k = idx * _GOLDEN
     a = _fmix32(w ^ k)
     b = _fmix32(a ^ (k + _SALT))
-    return jnp.stack([jnp.sum(a, dtype=jnp.uint32), jnp.sum(b, dtype=jnp.uint32)])
+    # One variadic reduce, not two sums: XLA:CPU then makes one fused pass over the array (measured on a
+    # 50M-parameter TrainState: 10x faster to run, a third less to compile).
+    zero = np.uint32(0)
+    sa, sb = jax.lax.reduce((a, b), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]), tuple(range(w.ndim)))
+    return jnp.stack([sa, sb])
 
 
 @jax.jit

@@ -95,7 +95,16 @@ elif mode == "shard_check":
         out[str(spec)] = fingerprints(placed)
     with CheckpointManager(run_dir, config=TrainConfig()) as ckpt:
         ckpt.save(3, placed, data_position=3)
-    print(json.dumps({"devices": len(jax.devices()), "fingerprints": out}))
+    # Read back into another sharding on this mesh: the fingerprints verify (a mismatch would warn).
+    import warnings
+    other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        mesh, P("fsdp") if x.ndim == 2 else P())), tree)
+    with CheckpointManager(run_dir, config=TrainConfig(), read_only=True) as ckpt, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back, _ = ckpt.restore(other)
+    same = all(np.array_equal(np.asarray(back[k]), np.asarray(tree[k])) and back[k].sharding.spec == other[k].sharding.spec
+               for k in tree)
+    print(json.dumps({"devices": len(jax.devices()), "fingerprints": out, "resharded_restore_equal": same}))
 '''
 
 
@@ -474,7 +483,8 @@ def test_fingerprints_match_numpy_and_see_every_single_bit(tmp_path):
 
 
 def test_fingerprints_do_not_depend_on_the_sharding_and_verify_on_one_device(tmp_path):
-    """8 fake devices fingerprint and save a sharded state; this 1-device process restores and verifies it."""
+    """8 fake devices fingerprint a state under 5 shardings, save it, and restore it into another sharding;
+    this 1-device process restores and verifies it too."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = env_for(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -485,7 +495,7 @@ def test_fingerprints_do_not_depend_on_the_sharding_and_verify_on_one_device(tmp
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {k: numpy_fingerprint(v) for k, v in tree.items()}
-    assert report["devices"] == 8 and len(report["fingerprints"]) == 5
+    assert report["devices"] == 8 and len(report["fingerprints"]) == 5 and report["resharded_restore_equal"]
     for spec, fps in report["fingerprints"].items():
         assert fps == expected, spec
     with CheckpointManager(tmp_path / "run", config=TrainConfig(), read_only=True) as ckpt, warnings.catch_warnings():
