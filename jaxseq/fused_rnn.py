@@ -315,7 +315,9 @@ def _make_sequence_fn(cell, doc):
     def sequence(params, xs, mask, carry0, resets, unroll=1):
         if xs.shape[1] == 0:  # no steps: nothing to loop over (the loops index step T-1)
             return jnp.zeros(xs.shape[:2] + (_output_of(carry0).shape[-1],), xs.dtype), carry0
-        return run(params, xs, mask.astype(bool), carry0, resets.astype(bool), unroll)
+        # dict(): inside a Flax module params arrive as a FrozenDict, and the custom_vjp's cotangents
+        # (built as plain dicts) must have the primal's pytree type.
+        return run(dict(params), xs, mask.astype(bool), carry0, resets.astype(bool), unroll)
 
     sequence.__doc__ = doc
     return sequence
