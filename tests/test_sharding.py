@@ -205,5 +205,52 @@ def test_mesh_errors_name_the_flag(runs):
     assert runs["bad_mesh"]["losses"] == {} and runs["bad_batch"]["losses"] == {}
 
 
+# -- mixed precision (in pytest's own process: one device is enough) ---------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lstm", "transformer"])
+def test_bfloat16_compute_policy(kind):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxseq.config import RNNConfig, TrainConfig, TransformerConfig
+    from jaxseq.losses import lm_loss_fn
+    from jaxseq.models import build_model
+    from jaxseq.train import _compute_dtype, _with_compute_dtype
+
+    config = TrainConfig(model=kind, compute_dtype="bfloat16", rnn=RNNConfig(d_embed=16, d_hidden=32),
+                         transformer=TransformerConfig(num_layers=1, num_heads=2, d_model=32, d_ff=64, max_len=16))
+    vocab = 23
+    model = build_model(config, vocab)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (4, 17)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((4, 16), bool)}
+    params = model.init(jax.random.key(0), tokens[:, :-1])["params"]
+    dtype = _compute_dtype(config)
+    f32 = jax.value_and_grad(lambda p: lm_loss_fn(model)(p, batch)[0])
+    mixed = jax.value_and_grad(lambda p: lm_loss_fn(_with_compute_dtype(model, dtype), compute_dtype=dtype)(p, batch)[0])
+    (loss32, g32), (loss16, g16) = jax.jit(f32)(params), jax.jit(mixed)(params)
+    assert loss16.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=1e-2)
+    assert {x.dtype for x in jax.tree.leaves(g16)} == {jnp.dtype(jnp.float32)}  # grads of float32 params
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):  # bfloat16 has ~3 significant digits
+        assert float(jnp.linalg.norm(a - b)) <= 0.05 * float(jnp.linalg.norm(a)) + 1e-6
+    # The matmuls really ran in bfloat16 (and none in float32 for the Transformer, whose Dense layers
+    # would otherwise promote back).
+    hlo = jax.jit(mixed).lower(params).as_text()
+    dots = [ln for ln in hlo.splitlines() if "dot_general" in ln]
+    assert dots and sum("bf16" in ln for ln in dots) >= len(dots) // 2, dots[:5]
+
+
+def test_bfloat16_refused_for_lru():
+    from jaxseq.config import TrainConfig
+    from jaxseq.errors import ConfigError
+    from jaxseq.train import _compute_dtype
+
+    assert _compute_dtype(TrainConfig()) is None  # float32: nothing is cast
+    with pytest.raises(ConfigError, match="--compute-dtype float32"):
+        _compute_dtype(TrainConfig(model="lru", compute_dtype="bfloat16"))
+
+
 if __name__ == "__main__":
     _drive(sys.argv[1], sys.argv[2], sys.argv[3])
