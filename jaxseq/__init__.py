@@ -5,7 +5,7 @@ from jaxseq.cells import GRU, LSTM, Bidirectional, Elman, Stack, bidirectional, 
 from jaxseq.checkpoint import CheckpointManager, load_run
 from jaxseq.config import TrainConfig
 from jaxseq.data import CharTokenizer, DataBundle, eval_batches, lm_batch, load_text, prepare_data, validate_batch
-from jaxseq.decoding import beam_search, sample, top_k_filter, top_p_filter
+from jaxseq.decoding import SampleOutput, beam_search, sample, top_k_filter, top_p_filter
 from jaxseq.errors import (
     CheckpointError,
     ConfigError,
@@ -15,6 +15,7 @@ from jaxseq.errors import (
     ShapeError,
     TokenRangeError,
 )
+from jaxseq.interop import from_torch, gpt2_from_hf, to_torch, to_torch_state_dict
 from jaxseq.linear_cells import LRU, MinGRU, MinLSTM, make_linear_cell
 from jaxseq.losses import lm_loss_fn, token_nll
 from jaxseq.models import build_model

@@ -219,3 +219,10 @@ def carry_to_torch(cell, carry):
     if isinstance(units[0], LSTM):
         return stacked([u[0] for u in per_unit]), stacked([u[1] for u in per_unit])
     return stacked(per_unit)
+
+
+def gpt2_from_hf(path, **kwargs):
+    """Load a Hugging Face GPT-2 checkpoint directory into a TransformerLM: see `jaxseq.interop_gpt2`."""
+    from jaxseq.interop_gpt2 import gpt2_from_hf as load
+
+    return load(path, **kwargs)
