@@ -1,0 +1,132 @@
+"""Training-step time of the linear recurrences: parallel (associative scan) vs sequential vs LSTM.
+
+    python benchmarks/linear_scan.py                       # batch 8, hidden 256, T = 64 .. 4096
+    python benchmarks/linear_scan.py --lengths 64,256 --reps 5
+
+For each length T and each model, times one jitted forward + backward pass (gradient of
+mean(ys^2) w.r.t. the cell parameters) of:
+
+- `parallel`: MinGRU / MinLSTM / LRU through `jaxseq.unroll`, i.e. their `sequence_unroll`
+  (`jax.lax.associative_scan`, O(log T) depth);
+- `sequential`: the same cell and parameters through the `lax.scan` of `step` (the
+  generation form, used by unroll for cells without `sequence_unroll`);
+- `lstm`: `jaxseq.LSTM` through unroll, the non-linear baseline.
+
+All in one process, so ratios are comparable even on a shared, noisy CPU. Compile time
+is measured separately (`lower().compile()`); step times are the median (and min) of
+`reps` calls after one warm-up call. XLA's temporary-buffer size from
+`compiled.memory_analysis()` stands in for peak memory. JSON lines go to stdout and to
+`--out` (default benchmarks/results/<platform>-linear-scan.jsonl); each row carries
+`speedup_vs_sequential` (parallel rows) and `speedup_vs_lstm` (step-time ratios, > 1 = faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxseq.cells import LSTM
+from jaxseq.linear_cells import LRU, MinGRU, MinLSTM
+from jaxseq.scan import unroll
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+    """A cell without `sequence_unroll`: unroll falls back to the lax.scan of `step`."""
+
+    cell: Any
+
+    d_in = property(lambda self: self.cell.d_in)
+    d_out = property(lambda self: self.cell.d_out)
+
+    def init(self, key):
+        return self.cell.init(key)
+
+    def initial_carry(self, batch_shape=(), dtype=None):
+        return self.cell.initial_carry(batch_shape, dtype)
+
+    def step(self, params, carry, x):
+        return self.cell.step(params, carry, x)
+
+
+def configs(hidden: int):
+    linear = {"mingru": MinGRU(hidden, hidden), "minlstm": MinLSTM(hidden, hidden), "lru": LRU(hidden, hidden)}
+    for name, cell in linear.items():
+        yield name, "parallel", cell
+        yield name, "sequential", Sequential(cell)
+    yield "lstm", "sequential", LSTM(hidden, hidden)
+
+
+def time_one(cell, batch: int, length: int, reps: int, budget_s: float):
+    params = jax.jit(cell.init)(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (batch, length, cell.d_in), jnp.float32)
+
+    def loss(p, x):
+        ys, _ = unroll(cell, p, x)
+        return jnp.mean(ys**2)
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, xs).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params, xs))  # warm-up
+    times = []
+    while len(times) < reps and (len(times) < 3 or sum(times) < budget_s):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, xs))
+        times.append(time.perf_counter() - t0)
+    try:
+        temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        temp_bytes = None
+    return compile_s, times, temp_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--lengths", default="64,256,1024,4096")
+    parser.add_argument("--reps", type=int, default=10, help="timed calls per config (fewer past --budget-s)")
+    parser.add_argument("--budget-s", type=float, default=20.0, help="stop repeating once this much was timed (min 3)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    backend = jax.default_backend()
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{backend}-linear-scan.jsonl")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    env = {"backend": backend, "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+           "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    with open(out, "w") as f:
+        for length in (int(t) for t in args.lengths.split(",")):
+            rows = []
+            for model, form, cell in configs(args.hidden):
+                compile_s, times, temp_bytes = time_one(cell, args.batch, length, args.reps, args.budget_s)
+                median = statistics.median(times)
+                rows.append({
+                    "bench": "linear_scan", "model": model, "form": form, "batch": args.batch, "hidden": args.hidden,
+                    "length": length, "compile_s": round(compile_s, 3), "step_ms": round(1e3 * median, 3),
+                    "step_ms_min": round(1e3 * min(times), 3), "reps": len(times),
+                    "tokens_per_s": round(args.batch * length / median, 1), "temp_bytes": temp_bytes, **env,
+                })
+            step = {(r["model"], r["form"]): r["step_ms"] for r in rows}
+            for r in rows:
+                if r["form"] == "parallel":
+                    r["speedup_vs_sequential"] = round(step[(r["model"], "sequential")] / r["step_ms"], 3)
+                r["speedup_vs_lstm"] = round(step[("lstm", "sequential")] / r["step_ms"], 3)
+                line = json.dumps(r)
+                print(line, flush=True)
+                f.write(line + "\n")
+                f.flush()
+
+
+if __name__ == "__main__":
+    main()
