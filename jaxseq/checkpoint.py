@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -70,6 +71,34 @@ class _MetaHandler(ocp.JsonCheckpointHandler):
 
 # Older or newer Orbax without that hook: the fingerprints are resolved in `save` (blocking) instead.
 _LAZY_META = hasattr(ocp.JsonCheckpointHandler, "_save_fn")
+
+
+class _Later:
+    """A value for the background metadata writer that `save` provides after handing Orbax the arrays.
+
+    Calling it waits until `fill` ran, then returns the value; if computing it failed, it raises (so the
+    save fails and is reported, instead of the writer waiting forever).
+    """
+
+    def __init__(self):
+        self._ready = threading.Event()
+        self._get = None
+
+    def fill(self, start) -> None:
+        """start() begins the computation and returns a function that waits for its result."""
+        try:
+            self._get = start()
+        except Exception as e:  # noqa: BLE001 -- re-raised by the writer, reported as this step's failure
+            def reraise(e=e):
+                raise e
+
+            self._get = reraise
+        finally:
+            self._ready.set()
+
+    def __call__(self):
+        self._ready.wait()
+        return self._get()
 
 
 # Orbax maps each args class to one handler class, so the metadata item has args classes of its own.
@@ -130,14 +159,14 @@ class CheckpointManager:
         """Start an async save of `state` (a pytree of arrays) as `step`; returns the seconds it blocked.
 
         Blocks for: the previous save, if still writing (its failure is raised here, naming its step);
-        dispatching the fingerprint computation; Orbax copying the arrays off the device. The files are
-        written, and the fingerprints read back, in the background.
+        Orbax copying the arrays off the device; dispatching the fingerprint computation. The files are
+        written, and the fingerprints awaited, in the background.
         """
         if self.read_only:
             raise CheckpointError(f"this CheckpointManager of {self.run_dir} is read-only; it cannot save.")
         t0 = time.perf_counter()
         self.wait_until_finished()
-        fingerprints = fp.fingerprints_async(state)  # dispatched on the device, from the arrays being saved
+        later = _Later()  # the fingerprints, handed to the background metadata writer before they exist
         meta = {
             "step": int(step),
             "data_position": int(data_position),
@@ -146,7 +175,7 @@ class CheckpointManager:
             "architecture_hash": architecture_hash(self.config),
             "saved_at": time.time(),
             "fingerprint_method": fp.METHOD,
-            "fingerprints": fingerprints if _LAZY_META else fingerprints(),
+            "fingerprints": later if _LAZY_META else fp.fingerprints(state),
         }
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=_MetaSave(meta))
         try:
@@ -157,6 +186,11 @@ class CheckpointManager:
                                   f"resume the run (--resume) or use a new run_dir.") from e
         except Exception as e:
             raise CheckpointError(self._save_failed(step, e)) from e
+        finally:
+            # Dispatched only now, from the same (immutable, not yet donated) arrays: computed while
+            # Orbax copied them, the checksums slowed that blocking copy by more than they cost (on CPU).
+            if _LAZY_META:
+                later.fill(lambda: fp.fingerprints_async(state))
         self._in_flight = int(step)
         self.last_save_blocking_s = time.perf_counter() - t0
         return self.last_save_blocking_s

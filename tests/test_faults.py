@@ -502,3 +502,14 @@ def test_fingerprints_do_not_depend_on_the_sharding_and_verify_on_one_device(tmp
         warnings.simplefilter("error")  # a fingerprint mismatch would warn (and fall back)
         state, meta = ckpt.restore(jax.tree.map(jnp.zeros_like, tree))
     assert meta["fingerprints"] == expected and same_bits(state, tree)
+
+
+def test_fingerprints_resolved_in_save_when_orbax_lacks_the_hook(tmp_path, monkeypatch):
+    """The fallback for an Orbax without the JSON writer hook: fingerprints computed in `save`, same result."""
+    import jaxseq.checkpoint as C
+
+    monkeypatch.setattr(C, "_LAZY_META", False)
+    states = save_steps(tmp_path, [1])
+    with CheckpointManager(tmp_path, config=CONFIG, read_only=True) as ckpt:
+        state, meta = ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))
+    assert same_bits(state, states[1]) and meta["fingerprints"] == fingerprints(states[1])
