@@ -143,6 +143,40 @@ def make_train_step(loss_fn, optimizer, *, seed: int = 0):
     return step_fn
 
 
+class ShardedStep(NamedTuple):
+    """A run's state and step on a mesh (see `make_sharded_step`)."""
+
+    init: Any  # () -> TrainState, created already sharded
+    step: Any  # (state, batch) -> (state, metrics); jitted once, state donated
+    shardings: Any  # the TrainState's NamedShardings
+    abstract: Any  # the TrainState's ShapeDtypeStructs with those shardings (a restore template)
+
+
+def make_sharded_step(model, optimizer, mesh, *, seq_len: int, seed: int = 0, compute_dtype=None) -> ShardedStep:
+    """Init and train step of `model` on `mesh`, the same code on one CPU, 8 fake CPUs, a GPU or many hosts.
+
+    Params and optimizer state get `jaxseq.sharding.state_shardings` (replicated, or split along their
+    largest axis that --mesh.fsdp divides); batches are split over every device (`batch_sharding`);
+    metrics come back replicated. `init` runs `model.init` under jit with those out_shardings, so no
+    device ever holds more than its shard of a big model. seq_len: the init tokens' length (shapes only).
+    """
+
+    def init_state():  # traced: the tokens only give init its shapes
+        tokens = jnp.zeros((1, seq_len), jnp.int32)
+        return init_train_state(model.init(jax.random.key(seed), tokens)["params"], optimizer)
+
+    abstract = jax.eval_shape(init_state)
+    shardings = state_shardings(mesh, abstract)
+    step = jax.jit(
+        make_train_step(lm_loss_fn(model, compute_dtype=compute_dtype), optimizer, seed=seed),
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return ShardedStep(jax.jit(init_state, out_shardings=shardings), step, shardings, template)
+
+
 def _current_lr(opt_state):
     hyperparams = getattr(opt_state, "hyperparams", None)
     if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
@@ -250,38 +284,25 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
 
         model = _with_compute_dtype(model, compute_dtype)
         optimizer = make_optimizer(config.optim, config.steps)
-
-        def init_state():  # traced: the tokens only give init its shapes
-            tokens = jnp.zeros((1, dc.seq_len), jnp.int32)
-            return init_train_state(model.init(jax.random.key(config.seed), tokens)["params"], optimizer)
-
-        abstract = jax.eval_shape(init_state)
-        shardings = state_shardings(mesh, abstract)  # FSDP by shape; replicated when --mesh.fsdp 1
+        sharded = make_sharded_step(model, optimizer, mesh, seed=config.seed, seq_len=dc.seq_len,
+                                    compute_dtype=compute_dtype)
         start = 0
         if resuming:  # restored straight into this mesh's shardings, whatever mesh saved it
-            template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-            state, meta = ckpt.restore(template)
+            state, meta = ckpt.restore(sharded.abstract)
             start = int(meta["data_position"])
             if lead:
                 _truncate_metrics(metrics_path, start)  # drop lines logged after the checkpoint by the lost run
                 print(f"resumed {run_dir} from step {start}", flush=True)
         else:
-            # Created already sharded: no device ever holds more than its shard of a big model.
-            state = jax.jit(init_state, out_shardings=shardings)()
+            state = sharded.init()
             if lead:
                 metrics_path.unlink(missing_ok=True)
                 data.tokenizer.save(run_dir / "tokenizer.json")
         if lead:
             (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
 
-        # Jitted once for this mesh; the donated state is updated in place.
-        step_fn = jax.jit(
-            make_train_step(lm_loss_fn(model, compute_dtype=compute_dtype), optimizer, seed=config.seed),
-            in_shardings=(shardings, batch_sharding(mesh)),
-            out_shardings=(shardings, replicated(mesh)),
-            donate_argnums=0,
-        )
-        eval_step = make_eval_step(model, mesh=mesh, param_shardings=shardings.params)
+        step_fn = sharded.step
+        eval_step = make_eval_step(model, mesh=mesh, param_shardings=sharded.shardings.params)
         val_batches = [shard_batch({k: v[rows] for k, v in b.items()}, mesh) for b in val_batches]
         step, last_saved, last_eval, val, stopped = start, (start if resuming else None), None, None, None
         tokens, t_first, paused, m = 0, None, 0.0, {}  # paused: seconds in eval/checkpoints, not in tokens/s
@@ -325,6 +346,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
                     break
         finally:
             bar.close()
+        tokens_per_s = _rate(tokens, t_first, paused) if tokens else None  # not counting the final eval and save
         if stop.signum is None and last_eval != step:
             val = _log_eval(metrics_path, step, evaluate(eval_step, state.params, val_batches))
         if last_saved != step:
@@ -340,7 +362,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
         "val_loss": None if val is None else val["loss"],
         "val_bits": None if val is None else val["bits"],
         "wall_s": time.perf_counter() - t_start,
-        "tokens_per_s": _rate(tokens, t_first, paused) if tokens else None,
+        "tokens_per_s": tokens_per_s,
         "stopped": stopped,
         "run_dir": str(run_dir),
     }

@@ -1,0 +1,118 @@
+"""One train step of `jaxseq train`'s LSTM and TransformerLM on 1 and on 8 (fake) CPU devices.
+
+The step is `jaxseq.train.make_sharded_step`, exactly what `train()` jits: state created sharded, batch
+split over the mesh, state donated. Models, batch (32 x 128) and data (the stdlib corpus) are the
+`jaxseq train` defaults; only --model, --mesh.* and --compute-dtype vary:
+
+  * 1 device:  float32, and bfloat16 compute (params float32)
+  * 8 devices: data parallel (--mesh.data 8) and FSDP (--mesh.fsdp 8)
+
+The device count is fixed when JAX starts, so each count runs in its own subprocess
+(XLA_FLAGS=--xla_force_host_platform_device_count=N). Fake CPU devices share the same cores: on a
+2-core machine 8 devices cannot be faster than 1; this measures the overhead of the sharded program
+(collectives, per-device dispatch), not a speed-up. Each row: compile seconds, median step ms over
+--steps timed steps (after 2 warm-up steps, each blocked on), tokens/s = batch * seq_len / step, the
+process's peak RSS, and the load average around it (the CPU is shared).
+
+    python benchmarks/sharded_step.py                 # writes results/cpu-sharding.jsonl
+    python benchmarks/sharded_step.py --steps 5 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CASES = {1: [("data", 1, 1, "float32"), ("data", 1, 1, "bfloat16")],
+         8: [("data", 8, 1, "float32"), ("fsdp", 1, 8, "float32")]}
+
+
+def worker(devices: int, steps: int, models: list[str]) -> None:
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from jaxseq.config import MeshConfig, TrainConfig
+    from jaxseq.data import lm_batch, prepare_data
+    from jaxseq.models import build_model
+    from jaxseq.sharding import make_mesh, shard_batch
+    from jaxseq.train import _compute_dtype, _with_compute_dtype, make_optimizer, make_sharded_step
+
+    assert len(jax.devices()) == devices, (jax.devices(), devices)
+    bundle = prepare_data(TrainConfig().data)
+    for kind in models:
+        for name, data_axis, fsdp_axis, dtype_name in CASES[devices]:
+            config = TrainConfig(model=kind, mesh=MeshConfig(data=data_axis, fsdp=fsdp_axis), compute_dtype=dtype_name)
+            dc = config.data
+            mesh = make_mesh(config.mesh)
+            dtype = _compute_dtype(config)
+            model = _with_compute_dtype(build_model(config, bundle.tokenizer.vocab_size), dtype)
+            sharded = make_sharded_step(model, make_optimizer(config.optim, config.steps), mesh, seq_len=dc.seq_len,
+                                        seed=config.seed, compute_dtype=dtype)
+            batches = [shard_batch(lm_batch(bundle.train_ids, batch_size=dc.batch_size, seq_len=dc.seq_len,
+                                            seed=0, index=i), mesh) for i in range(4)]
+            load_before = os.getloadavg()[0]
+            state = sharded.init()
+            t0 = time.perf_counter()
+            step = sharded.step.lower(state, batches[0]).compile()
+            compile_s = time.perf_counter() - t0
+            times = []
+            for i in range(steps + 2):
+                t0 = time.perf_counter()
+                state, metrics = step(state, batches[i % len(batches)])
+                jax.block_until_ready((state, metrics))
+                times.append(time.perf_counter() - t0)
+            step_s = statistics.median(times[2:])
+            n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+            print(json.dumps({
+                "bench": "sharded_step", "model": kind, "devices": devices, "mesh": name,
+                "mesh_shape": dict(mesh.shape), "compute_dtype": dtype_name, "batch": dc.batch_size,
+                "seq_len": dc.seq_len, "params": n_params, "compile_s": round(compile_s, 2),
+                "step_ms": round(1e3 * step_s, 2), "step_ms_min": round(1e3 * min(times[2:]), 2),
+                "tokens_per_s": round(dc.batch_size * dc.seq_len / step_s),
+                "loss": round(float(metrics["loss"]), 4), "timed_steps": steps,
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+                "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            }), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case (after 2 warm-up steps)")
+    parser.add_argument("--models", default="lstm,transformer")
+    parser.add_argument("--devices", default="1,8")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results/ alone")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    models = args.models.split(",")
+    if args.worker:
+        worker(args.worker, args.steps, models)
+        return
+    rows = []
+    for n in (int(d) for d in args.devices.split(",")):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        cmd = [sys.executable, __file__, "--worker", str(n), "--steps", str(args.steps), "--models", args.models]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if out.returncode:
+            sys.exit(f"{n}-device worker failed:\n{out.stderr[-4000:]}")
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                print(line, flush=True)
+                rows.append(json.loads(line))
+    if rows and not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "cpu-sharding.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
