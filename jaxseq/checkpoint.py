@@ -61,8 +61,8 @@ _path_str = fp.path_str  # kept under its old name for callers
 
 class _MetaHandler(ocp.JsonCheckpointHandler):
     """Orbax's JSON handler, except that a callable value in the saved dict is called when the file is
-    written, in the background save thread. `save` puts the fingerprints there as a callable that waits
-    for their (already dispatched) device computation, so the training loop never waits for it."""
+    written, in the background save thread. `save` puts the fingerprints there as a `_Later`, so the
+    training loop never waits for their computation."""
 
     async def _save_fn(self, x, directory):  # Orbax's hook that writes the file, run in the commit thread
         x = {k: (v() if callable(v) else v) for k, v in x.items()}
@@ -74,30 +74,35 @@ _LAZY_META = hasattr(ocp.JsonCheckpointHandler, "_save_fn")
 
 
 class _Later:
-    """A value for the background metadata writer that `save` provides after handing Orbax the arrays.
+    """A value for the background metadata writer that `save` starts computing after Orbax's blocking part.
 
-    Calling it waits until `fill` ran, then returns the value; if computing it failed, it raises (so the
-    save fails and is reported, instead of the writer waiting forever).
+    `fill()` runs start() (which dispatches the computation and returns a function that waits for its
+    result); calling the _Later waits for `fill`, then for the result. If start() failed, the call
+    raises, so the save fails and is reported. Should an Orbax version ever run the writer before `save`
+    returns, it computes the value itself after a while rather than wait forever.
     """
 
-    def __init__(self):
-        self._ready = threading.Event()
-        self._get = None
+    def __init__(self, start):
+        self._start, self._get = start, None
+        self._lock, self._ready = threading.Lock(), threading.Event()
 
-    def fill(self, start) -> None:
-        """start() begins the computation and returns a function that waits for its result."""
-        try:
-            self._get = start()
-        except Exception as e:  # noqa: BLE001 -- re-raised by the writer, reported as this step's failure
-            def reraise(e=e):
-                raise e
+    def fill(self) -> None:
+        with self._lock:
+            if self._ready.is_set():
+                return
+            try:
+                self._get = self._start()
+            except Exception as e:  # noqa: BLE001 -- re-raised by the writer, reported as this step's failure
+                def reraise(e=e):
+                    raise e
 
-            self._get = reraise
-        finally:
-            self._ready.set()
+                self._get = reraise
+            finally:
+                self._ready.set()
 
     def __call__(self):
-        self._ready.wait()
+        if not self._ready.wait(timeout=60):
+            self.fill()
         return self._get()
 
 
@@ -166,7 +171,8 @@ class CheckpointManager:
             raise CheckpointError(f"this CheckpointManager of {self.run_dir} is read-only; it cannot save.")
         t0 = time.perf_counter()
         self.wait_until_finished()
-        later = _Later()  # the fingerprints, handed to the background metadata writer before they exist
+        # The fingerprints, handed to the background metadata writer before they are computed.
+        later = _Later(lambda: fp.fingerprints_async(state))
         meta = {
             "step": int(step),
             "data_position": int(data_position),
@@ -190,7 +196,7 @@ class CheckpointManager:
             # Dispatched only now, from the same (immutable, not yet donated) arrays: computed while
             # Orbax copied them, the checksums slowed that blocking copy by more than they cost (on CPU).
             if _LAZY_META:
-                later.fill(lambda: fp.fingerprints_async(state))
+                later.fill()
         self._in_flight = int(step)
         self.last_save_blocking_s = time.perf_counter() - t0
         return self.last_save_blocking_s

@@ -513,3 +513,16 @@ def test_fingerprints_resolved_in_save_when_orbax_lacks_the_hook(tmp_path, monke
     with CheckpointManager(tmp_path, config=CONFIG, read_only=True) as ckpt:
         state, meta = ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))
     assert same_bits(state, states[1]) and meta["fingerprints"] == fingerprints(states[1])
+
+
+def test_a_failed_fingerprint_computation_fails_that_save_loudly(tmp_path, monkeypatch):
+    import jaxseq.fingerprints
+
+    def broken(tree):
+        raise RuntimeError("device lost while checksumming")
+
+    monkeypatch.setattr(jaxseq.fingerprints, "fingerprints_async", broken)
+    with pytest.raises(CheckpointError, match="saving checkpoint step 1 .*device lost while checksumming"):
+        with CheckpointManager(tmp_path, config=CONFIG) as ckpt:
+            ckpt.save(1, random_state(1), data_position=1)  # returns; the background writer then fails
+    assert complete_steps(tmp_path) == []
