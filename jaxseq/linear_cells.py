@@ -10,17 +10,19 @@ recurrence whose coefficients depend on the input only,
 so the whole sequence is one `jax.lax.associative_scan` over time with the operator
 (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2): O(log T) depth instead of T dependent steps.
 
-Scan in linear space, not the log space of Feng et al. (2024). The paper's
-Heinsen scan computes log h_t = a*_t + logcumsumexp(log b - a*) with a*_t = cumsum log a,
-which (i) needs h_0 > 0 and b_t > 0 (hence g()), (ii) cannot express a reset or a
-masked step with a = 0 (log 0 = -inf, then -inf - -inf = nan), and (iii) loses
-absolute precision as |a*_t| grows linearly with T (at T = 2048, a*_t ~ -1e3, so
-float32 keeps ~1e-4 of the log, i.e. ~1e-4 relative error in h). In linear space the
-combined coefficients are products of numbers in [0, 1] (|lambda| < 1 for the LRU):
-they only shrink, an underflow to 0 is exact forgetting, nothing overflows, and
-resets and masks are just a = 0 / a = 1. The gates themselves are computed in log
-space where that helps (minLSTM's f / (f + i) is a sigmoid of log f - log i). The
-parallel form matches `step` to float32 rounding (tests/test_linear_cells.py).
+Scan in linear space, not the log space of Feng et al. (2024). The paper's Heinsen scan
+computes log h_t = a*_t + logcumsumexp(log b - a*) with a*_t = cumsum log a, which
+(i) needs h_0 > 0 and b_t > 0 (hence g()), (ii) cannot express a reset (a = 0:
+log 0 = -inf, then -inf - -inf = nan), and (iii) loses precision as |a*_t| grows
+linearly with T. Measured on a random minGRU against a float64 loop, the float32
+log-space scan's largest relative error in h was 2.5e-5 at T = 256, 2.5e-4 at T = 2048
+and 1.1e-3 at T = 8192 (a*_t down to -7e3); this linear-space scan stayed at 3e-7 at
+every length. In linear space the combined coefficients are products of numbers in
+[0, 1] (|lambda| < 1 for the LRU): they only shrink, an underflow to 0 is exact
+forgetting, nothing overflows, and resets and masks are just a = 0 / a = 1. The gates
+themselves are computed in log space where that helps (minLSTM's f / (f + i) is a
+sigmoid of log f - log i). The parallel form matches `step` to float32 rounding
+(tests/test_linear_cells.py). `log_g` is kept for users of the paper's form.
 
 Masks, resets and the initial carry are folded into (a_t, b_t) before the scan, with
 the semantics of `jaxseq.scan._lax_scan_cell`:
