@@ -14,6 +14,20 @@ bit-for-bit unchanged (so one bad batch cannot poison Adam's moments), still adv
 moves on), and counts in `nonfinite_count` (reset by the next good step). `train()` raises
 NonFiniteError after `max_nonfinite_steps` of them in a row, without saving a new checkpoint.
 
+Devices: `train()` builds a ("data", "fsdp") mesh from `--mesh.*` (default: data parallel over every
+device) and runs `make_sharded_step`: the state created sharded (FSDP by shape with --mesh.fsdp > 1),
+each global batch split over all devices, the step jitted once with the state donated. The same code
+runs on one CPU, on 8 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), a GPU, or
+several processes: start the same command in each with --dist.coordinator HOST:PORT --dist.num-processes
+P --dist.process-id I (or JAXSEQ_COORDINATOR / JAXSEQ_NUM_PROCESSES / JAXSEQ_PROCESS_ID) and a run_dir
+on a filesystem they share. Every process computes the same global batch and feeds its own rows; only
+process 0 prints and writes config, tokenizer and metrics; all take part in checkpoints (Orbax). A
+checkpoint restores onto any mesh (it is read straight into the new shardings), so losses continue
+equal (float32 tolerance) when a run moves between 1 and 8 devices.
+
+Mixed precision: `--compute-dtype bfloat16` keeps params and optimizer state float32 (checkpoints are the
+same either way) and runs the forward and backward pass in bfloat16; logits and loss are float32.
+
 Signals: during `train()`, SIGTERM and SIGINT set a flag; at the next step boundary the run saves a
 checkpoint, waits for it, and exits with `SystemExit(128 + signum)`: 143 for SIGTERM, 130 for SIGINT
 (the shell's convention). A second SIGINT while stopping interrupts at once (KeyboardInterrupt).
