@@ -14,7 +14,8 @@ mean(ys^2) w.r.t. the cell parameters) of:
 
 All in one process, so ratios are comparable even on a shared, noisy CPU. Compile time
 is measured separately (`lower().compile()`); step times are the median (and min) of
-`reps` calls after one warm-up call. XLA's temporary-buffer size from
+`reps` calls after one warm-up call, timed round-robin over the configs of one length so
+that a shared machine's noise falls on all of them alike. XLA's temporary-buffer size from
 `compiled.memory_analysis()` stands in for peak memory. JSON lines go to stdout and to
 `--out` (default benchmarks/results/<platform>-linear-scan.jsonl); each row carries
 `speedup_vs_sequential` (parallel rows) and `speedup_vs_lstm` (step-time ratios, > 1 = faster).
@@ -66,7 +67,8 @@ def configs(hidden: int):
     yield "lstm", "sequential", LSTM(hidden, hidden)
 
 
-def time_one(cell, batch: int, length: int, reps: int, budget_s: float):
+def compile_one(cell, batch: int, length: int):
+    """(compiled value_and_grad, its arguments, compile seconds, XLA temp bytes)."""
     params = jax.jit(cell.init)(jax.random.key(0))
     xs = jax.random.normal(jax.random.key(1), (batch, length, cell.d_in), jnp.float32)
 
@@ -77,17 +79,27 @@ def time_one(cell, batch: int, length: int, reps: int, budget_s: float):
     t0 = time.perf_counter()
     compiled = jax.jit(jax.value_and_grad(loss)).lower(params, xs).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(params, xs))  # warm-up
-    times = []
-    while len(times) < reps and (len(times) < 3 or sum(times) < budget_s):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, xs))
-        times.append(time.perf_counter() - t0)
     try:
         temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # not every backend reports it
         temp_bytes = None
-    return compile_s, times, temp_bytes
+    jax.block_until_ready(compiled(params, xs))  # warm-up
+    return compiled, (params, xs), compile_s, temp_bytes
+
+
+def time_round_robin(programs, reps: int, budget_s: float):
+    """Time each program once per round, `reps` rounds (at least 3, fewer past budget_s):
+    interleaving spreads the noise of a shared machine evenly over the configs compared."""
+    times = [[] for _ in programs]
+    start = time.perf_counter()
+    for r in range(reps):
+        if r >= 3 and time.perf_counter() - start > budget_s:
+            break
+        for (compiled, args), ts in zip(programs, times):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            ts.append(time.perf_counter() - t0)
+    return times
 
 
 def main():
@@ -95,8 +107,9 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--lengths", default="64,256,1024,4096")
-    parser.add_argument("--reps", type=int, default=10, help="timed calls per config (fewer past --budget-s)")
-    parser.add_argument("--budget-s", type=float, default=20.0, help="stop repeating once this much was timed (min 3)")
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds over all configs (fewer past --budget-s)")
+    parser.add_argument("--budget-s", type=float, default=90.0,
+                        help="per length: no new round after this many seconds (at least 3 rounds)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -107,16 +120,19 @@ def main():
            "cpu_count": os.cpu_count(), "machine": platform.machine()}
     with open(out, "w") as f:
         for length in (int(t) for t in args.lengths.split(",")):
+            names = list(configs(args.hidden))
+            built = [compile_one(cell, args.batch, length) for _, _, cell in names]
+            times = time_round_robin([(c, a) for c, a, _, _ in built], args.reps, args.budget_s)
             rows = []
-            for model, form, cell in configs(args.hidden):
-                compile_s, times, temp_bytes = time_one(cell, args.batch, length, args.reps, args.budget_s)
-                median = statistics.median(times)
+            for (model, form, _), (_, _, compile_s, temp_bytes), ts in zip(names, built, times):
+                median = statistics.median(ts)
                 rows.append({
                     "bench": "linear_scan", "model": model, "form": form, "batch": args.batch, "hidden": args.hidden,
                     "length": length, "compile_s": round(compile_s, 3), "step_ms": round(1e3 * median, 3),
-                    "step_ms_min": round(1e3 * min(times), 3), "reps": len(times),
+                    "step_ms_min": round(1e3 * min(ts), 3), "reps": len(ts),
                     "tokens_per_s": round(args.batch * length / median, 1), "temp_bytes": temp_bytes, **env,
                 })
+            del built
             step = {(r["model"], r["form"]): r["step_ms"] for r in rows}
             for r in rows:
                 if r["form"] == "parallel":
