@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+from flax.core import unfreeze
 
 from jaxseq.scan import unroll
 
@@ -22,12 +23,17 @@ class Recurrent(nn.Module):
     def setup(self):
         self.cell_params = self.param("cell", lambda key: self.cell.init(key))
 
+    def _params(self):
+        # Flax freezes dicts kept on a module; cells get the plain dicts their `init` made (a custom_vjp,
+        # as in jaxseq.fused_rnn, needs its cotangents to have the primal's pytree types).
+        return unfreeze(self.cell_params)
+
     def __call__(self, xs, *, mask=None, carry=None, resets=None, reverse=False, deterministic=True):
         key = None if deterministic or getattr(self.cell, "dropout", 0.0) == 0.0 else self.make_rng("dropout")
-        return unroll(self.cell, self.cell_params, xs, mask=mask, carry=carry, resets=resets, reverse=reverse, key=key)
+        return unroll(self.cell, self._params(), xs, mask=mask, carry=carry, resets=resets, reverse=reverse, key=key)
 
     def initial_carry(self, batch_shape, dtype=None):
         return self.cell.initial_carry(batch_shape, dtype)
 
     def step(self, carry, x):
-        return self.cell.step(self.cell_params, carry, x)
+        return self.cell.step(self._params(), carry, x)
