@@ -287,8 +287,8 @@ class CheckpointManager:
     def _save_failed(self, step, error: Exception) -> str:
         what = f"step {step}" if step is not None else "a step"
         full = "No space left on device" in str(error) or getattr(error, "errno", None) == errno.ENOSPC
-        hint = "the disk is full: free space (or lower --keep-checkpoints) and resume" if full else \
-            "check that the directory is writable and has space, then resume"
+        hint = "The disk is full: free space (or lower --keep-checkpoints) and resume (--resume)" if full else \
+            "Check that the directory is writable and has space, then resume (--resume)"
         newest = ", ".join(str(s) for s in _complete_steps(self.directory)[-1:]) or "none"
         return (f"saving checkpoint {what} to {self.directory} failed, so that step was not committed "
                 f"(newest committed step: {newest}): {type(error).__name__}: {str(error)[:500]}. {hint}.")

@@ -49,7 +49,8 @@ def cli_args(run_dir: Path, *extra: str) -> list[str]:
 # Runs `jaxseq.cli train` with one fault injected into the Orbax save path (test code, not library code):
 #   kill_in_save=K  the array writes of step K hang; once `save(K)` has returned (the async write under
 #                   way, its tmp directory on disk) the process SIGKILLs itself.
-#   shard_check=DIR with 8 fake devices: fingerprint an array under several shardings, save it sharded to DIR.
+#   shard_check=DIR,NPZ  with 8 fake devices: fingerprint NPZ's arrays under several shardings, save them
+#                   sharded to DIR and restore them into another sharding.
 DRIVER = r'''
 import asyncio, json, os, signal, sys, time
 from pathlib import Path
@@ -57,7 +58,7 @@ mode, arg = sys.argv[1].split("=", 1)
 if mode == "kill_in_save":
     from orbax.checkpoint._src.serialization import serialization as S
     import jaxseq.checkpoint as C
-    K, real_write, real_save = int(arg), S.async_serialize_from_host, C.CheckpointManager.save
+    K, real_save = int(arg), C.CheckpointManager.save
 
     async def hanging_write(*a, **k):
         await asyncio.sleep(3600)
@@ -123,8 +124,14 @@ def env_for(tmp: Path, **extra) -> dict:
     return env
 
 
+LIVE: list[subprocess.Popen] = []  # started by the fixture; killed if it fails half-way
+
+
 def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *argv], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    with open(log, "w") as f:  # the child writes through its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=f, stderr=subprocess.STDOUT)
+    LIVE.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> tuple[int, str]:
@@ -151,8 +158,9 @@ def signal_when_committed(targets: list[tuple[subprocess.Popen, Path, int]], min
             if (run_dir / "checkpoints" / str(min_step) / "meta" / "metadata").exists():
                 os.kill(proc.pid, sig)
                 pending.remove((proc, run_dir, sig))
-            else:
-                assert proc.poll() is None, f"{proc.args} ended (rc {proc.returncode}) before step {min_step} was saved"
+            elif proc.poll() is not None:
+                log = Path(f"{run_dir}.log").read_text()[-3000:]
+                raise AssertionError(f"{run_dir.name} ended (rc {proc.returncode}) before step {min_step} was saved:\n{log}")
         assert time.monotonic() < deadline, f"step {min_step} was never saved in {[t[1] for t in pending]}"
         time.sleep(0.01)
 
@@ -164,7 +172,17 @@ def metrics(run_dir: Path) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
+    try:
+        yield _runs(tmp_path_factory.mktemp("faults"))
+    finally:
+        for proc in LIVE:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        LIVE.clear()
+
+
+def _runs(tmp: Path) -> dict:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
     env = env_for(tmp)
@@ -354,7 +372,7 @@ def test_disk_full_during_an_async_save_is_raised_naming_the_step(tmp_path, monk
     monkeypatch.setattr(orbax_serialization, "async_serialize_from_host", _disk_full)
     ckpt.save(2, states[1], data_position=2)  # returns: the write fails later, in the background
     with pytest.raises(CheckpointError, match=rf"saving checkpoint step 2 to {re.escape(str(tmp_path))}/checkpoints failed.*"
-                                              r"newest committed step: 1.*No space left on device.*disk is full"):
+                                              r"newest committed step: 1.*No space left on device.*The disk is full"):
         ckpt.wait_until_finished()
     assert ckpt.all_steps() == [1]
     # The next save reports the failure of the one before it, under that one's step number.
