@@ -11,25 +11,30 @@ Why by hand (every choice below was measured on a 2-core CPU; figures and the
 losing variants are in benchmarks/README.md): autodiff of a scan saves and replays
 every per-step op. Here
 
-- the input projection is one `[B*T, d_in] @ [d_in, G*H]` matmul before the loop,
-  written into a buffer `buf [B, T, G*H]` that is then reused in place: the forward
-  loop overwrites step t's projection with its activated gates, the backward loop
-  overwrites those with the gate cotangents dZ. One buffer instead of three keeps
-  page faults (a large part of the time on CPU) down;
+- the input projection is one `[B*T, d_in] @ [d_in, G]` matmul before the loop
+  (G = gates * H), written into a buffer `buf` that is then reused in place: the
+  forward loop overwrites step t's projection with its activated gates, the backward
+  loop overwrites those with the gate cotangents dZ. One buffer instead of three
+  keeps page faults (a large part of the time on CPU) down;
 - the four LSTM gates are one `tanh`: sigmoid(x) = 0.5 tanh(x / 2) + 0.5, so
-  `gates = a * tanh(a * z) + b` with per-column constants (XLA's sigmoid is a
+  `gates = a * tanh(a * z) + b` with per-gate constants (XLA's sigmoid is a
   division, about twice the cost of a tanh);
-- the reverse loop does only `dZ_t @ W_hh^T` and elementwise gate derivatives
-  (from the saved activations, so no transcendental except LSTM's tanh(c));
+- the reverse loop does only `dZ_t W_hh^T` and elementwise gate derivatives, from the
+  saved activations (no transcendental function but LSTM's tanh(c));
 - `dW_hh = H_prev^T dZ`, `dW_ih = X^T dZ`, `db` and `dX = dZ W_ih^T` are each one
   large matmul (or reduction) after the loop;
-- the loops are `fori_loop`s over batch-major buffers (no [B, T] <-> [T, B]
-  transposes). The backward loop reads step t-1's activations right after writing
-  step t's cotangents (a one-step software pipeline), so that XLA can update the
-  buffer in place instead of copying it every step.
+- the backward loop reads step t-1's activations right after writing step t's
+  cotangents (a one-step software pipeline), so that XLA updates the buffer in place
+  instead of copying all of it every step;
+- two layouts, chosen by size (`_feature_major`): batch-major buffers `[B, T, F]`
+  with the state `h [B, H]`, or feature-major buffers `[F, T, B]` with `h^T [H, B]`,
+  where every matmul has the weights on the left (`W_hh^T h^T`, `W_hh dZ^T`). XLA's
+  CPU matmul ran those 20-40% faster at hidden 512, but the transposes in and out
+  cost more than that gains at hidden <= 256.
 
 Gradients flow to `xs`, every parameter and `carry0` (through the initial carry and
-through every reset); `mask` and `resets` get none. Not differentiable twice.
+through every reset); `mask` and `resets` get none. Reverse mode only: no `jax.jvp`
+or `jax.jacfwd` through these functions, and no second derivatives.
 """
 
 from __future__ import annotations
@@ -40,11 +45,88 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# ----------------------------------------------------------------------------- helpers
+# Feature-major from this hidden size up (measured, batch 32, see benchmarks/README.md).
+FEATURE_MAJOR_MIN_HIDDEN = 512
+
+
+def _feature_major(hidden: int) -> bool:
+    return hidden >= FEATURE_MAJOR_MIN_HIDDEN
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+class _Layout:
+    """Where the feature axis lives. Buffers are [B, T, F] (batch-major) or [F, T, B]
+    (feature-major): time is axis 1 in both, so a step's slice is `a[:, t]`, and a
+    step slice is [B, F] or [F, B]."""
+
+    def __init__(self, feature_major: bool):
+        self.fm = feature_major
+
+    # whole arrays
+    def to_buf(self, a):
+        """[B, T, F] -> buffer layout (and back: the transpose is its own inverse)."""
+        return jnp.transpose(a, (2, 1, 0)) if self.fm else a
+
+    def carry(self, c):
+        """[B, H] <-> step layout."""
+        return jax.tree.map(jnp.transpose, c) if self.fm else c
+
+    def flat(self, a):
+        """Buffer -> 2-D: [B*T, F] or [F, T*B]."""
+        return a.reshape(a.shape[0], -1) if self.fm else a.reshape(-1, a.shape[-1])
+
+    def unflat(self, a, steps):
+        return a.reshape(a.shape[0], steps, -1) if self.fm else a.reshape(-1, steps, a.shape[-1])
+
+    # step slices
+    def width(self, a):
+        return a.shape[0] if self.fm else a.shape[-1]
+
+    def rows(self, a, lo, hi):
+        """Features lo:hi of a step slice."""
+        return a[lo:hi] if self.fm else a[:, lo:hi]
+
+    def cat(self, parts):
+        return jnp.concatenate(parts, 0 if self.fm else -1)
+
+    def vec(self, v):
+        """A per-feature vector [F], shaped to broadcast over a step slice."""
+        return v[:, None] if self.fm else v
+
+    def flag(self, a, t):
+        """Per-row flag of step t, [B, T] -> [1, B] or [B, 1]."""
+        f = lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False)
+        return f[None, :] if self.fm else f[:, None]
+
+    # matmuls: `w` is prepared once outside the loop, so the per-step product needs no transpose
+    def prep(self, w, transposed: bool):
+        """`w` for a step product v @ w (batch-major), or w^T for w^T @ v (feature-major)."""
+        return w if transposed == self.fm else w.T
+
+    def apply(self, w, v):
+        return w @ v if self.fm else v @ w
+
+    def project(self, x2, w_ih, bias):
+        """The input projection of all steps: x2 is `flat(to_buf(xs))`."""
+        return w_ih.T @ x2 + bias[:, None] if self.fm else x2 @ w_ih + bias
+
+    def wgrad(self, a2, dz2):
+        """sum over steps and rows of a^T dz: [F_a, G] from flat buffers."""
+        if self.fm:
+            return lax.dot_general(a2, dz2, (((1,), (1,)), ((), ())))
+        return a2.T @ dz2
+
+    def bsum(self, dz2):
+        return dz2.sum(1 if self.fm else 0)
+
+    def dx(self, dz2, w_ih):
+        return w_ih @ dz2 if self.fm else dz2 @ w_ih.T
 
 
 def _at(a, t):
-    """a[:, t] for a batch-major [B, T, ...] array."""
+    """a[:, t]: step t of a buffer."""
     return lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False)
 
 
@@ -53,125 +135,116 @@ def _put(a, v, t):
     return lax.dynamic_update_index_in_dim(a, v, t, axis=1)
 
 
-def _flag(a, t):
-    """Per-row flag of step t as a [B, 1] column that broadcasts over features."""
-    return _at(a, t)[:, None]
-
-
 def _select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def _project(xs, w, b):
-    """xs [B, T, D] @ w [D, G] + b -> [B, T, G], flattened to 2-D (XLA's fast matmul path)."""
-    batch, steps, d = xs.shape
-    return (xs.reshape(batch * steps, d) @ w + b).reshape(batch, steps, w.shape[1])
-
-
-def _gate_affine(hid, dtype):
-    """Per-column (a, b) with sigmoid(z) = a tanh(a z) + b on the i, f, o blocks and tanh(z) on g."""
-    half, one, zero = (jnp.full((hid,), v, dtype) for v in (0.5, 1.0, 0.0))
-    return jnp.concatenate([half, half, one, half]), jnp.concatenate([half, half, zero, half])
 
 
 def _cast_like(tree, like):
     return jax.tree.map(lambda a, ref: a.astype(ref.dtype), tree, like)
 
 
+def _h(carry):
+    """The part of a carry that is the step's output."""
+    return carry[0] if isinstance(carry, tuple) else carry
+
+
 # ----------------------------------------------------------------------------- cells
 #
-# Each cell supplies, for one step on [B, ...] slices:
-#   fwd(params, carry, xp_t) -> (new_carry, y, acts, saves)
+# Each cell supplies, for one step on [B, F] (or [F, B]) slices, in layout L:
+#   x_bias(params) -> [G] bias folded into the input projection.
+#   prep(L, params) -> the forward loop's weights, transposed as L needs them.
+#   fwd(L, w, carry, xp_t) -> (new_carry, acts, saves)
 #       xp_t: the step's slice of the projection buffer; acts: tuple written in place
-#       over the in-place buffers (the first one is the projection buffer); saves:
-#       tuple stored for the backward pass (the post-reset carry at least).
-#   bwd(params_t, acts, saves, d_new) -> (cts, d_prev)
-#       d_new: cotangent of new_carry, the output y's included; cts: tuple written over
-#       the in-place buffers (cts[0] = dZ_x, the cotangent of the projection);
-#       d_prev: cotangent of the carry fed into the step.
-#   dz_h(bufs) -> dZ_h, the cotangent of h_prev @ W_hh (+ b_hh), after the loop.
-#   h_prev(saves) -> the saved [B, T, H] inputs of W_hh.
+#       over the in-place buffers (the first is the projection buffer); saves: tuple
+#       kept for the backward pass (saves[0] = the h that entered the step).
+#   bwd(L, w_hh, acts, saves, d_new) -> (cts, d_prev)
+#       w_hh: prepared for the backward product; d_new: cotangent of new_carry (the
+#       output's included); cts: tuple written over the in-place buffers (cts[0] =
+#       dZ_x, the cotangent of the projection); d_prev: cotangent of the carry that
+#       entered the step.
+#   dz_h(L, bufs) -> dZ_h, the cotangent of h W_hh (+ b_hh), after the loop.
 
 
 class _LSTM:
     extra_bufs = 0  # in-place buffers besides the projection
 
     @staticmethod
-    def project(params, xs):
-        return _project(xs, params["w_ih"], params["b_ih"] + params["b_hh"])
+    def x_bias(params):
+        return params["b_ih"] + params["b_hh"]
 
     @staticmethod
-    def fwd(params, carry, xp_t):
+    def prep(L, params):
+        hid = params["w_hh"].shape[0]
+        half, one, zero = (jnp.full((hid,), v, params["w_hh"].dtype) for v in (0.5, 1.0, 0.0))
+        a = L.vec(jnp.concatenate([half, half, one, half]))
+        b = L.vec(jnp.concatenate([half, half, zero, half]))
+        return L.prep(params["w_hh"], transposed=False), a, b
+
+    @staticmethod
+    def fwd(L, w, carry, xp_t):
+        w_hh, a, b = w
         h, c = carry
-        hid = h.shape[-1]
-        a, b = _gate_affine(hid, h.dtype)
-        z = xp_t + h @ params["w_hh"]
-        gates = a * jnp.tanh(a * z) + b  # i, f, g, o activated, [B, 4H]
-        i, f, g, o = (gates[:, k * hid:(k + 1) * hid] for k in range(4))
+        hid = L.width(h)
+        gates = a * jnp.tanh(a * (xp_t + L.apply(w_hh, h))) + b  # i, f, g, o activated
+        i, f, g, o = (L.rows(gates, k * hid, (k + 1) * hid) for k in range(4))
         c_new = f * c + i * g
-        h_new = o * jnp.tanh(c_new)
-        return (h_new, c_new), h_new, (gates,), (h, c)
+        return (o * jnp.tanh(c_new), c_new), (gates,), (h, c)
 
     @staticmethod
-    def bwd(w_hh_t, acts, saves, d_new):
+    def bwd(L, w_hh, acts, saves, d_new):
         (gates,), (_, c) = acts, saves
         dh, dc = d_new
-        hid = dh.shape[-1]
-        i, f, g, o = (gates[:, k * hid:(k + 1) * hid] for k in range(4))
+        hid = L.width(dh)
+        i, f, g, o = (L.rows(gates, k * hid, (k + 1) * hid) for k in range(4))
         tc = jnp.tanh(f * c + i * g)  # recomputed: cheaper than saving it
         dc = dc + dh * o * (1.0 - tc * tc)
-        dz = jnp.concatenate(
-            [dc * g * i * (1.0 - i), dc * c * f * (1.0 - f), dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)], -1
-        )
-        return (dz,), (dz @ w_hh_t, dc * f)
+        dz = L.cat([dc * g * i * (1.0 - i), dc * c * f * (1.0 - f), dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)])
+        return (dz,), (L.apply(w_hh, dz), dc * f)
 
     @staticmethod
-    def dz_h(bufs):
+    def dz_h(L, bufs):
         return bufs[0]
-
-    @staticmethod
-    def h_prev(saves):
-        return saves[0]
 
 
 class _GRU:
-    extra_bufs = 1  # hn = W_hn h + b_hn, then its cotangent
+    extra_bufs = 1  # hn = h W_hn + b_hn, later its cotangent
 
     @staticmethod
-    def project(params, xs):
-        return _project(xs, params["w_ih"], params["b_ih"])
+    def x_bias(params):
+        return params["b_ih"]
 
     @staticmethod
-    def fwd(params, h, xp_t):
-        hid = h.shape[-1]
-        gh = h @ params["w_hh"] + params["b_hh"]
-        rz = jax.nn.sigmoid(xp_t[:, :2 * hid] + gh[:, :2 * hid])
-        r, z = rz[:, :hid], rz[:, hid:]
-        hn = gh[:, 2 * hid:]
-        n = jnp.tanh(xp_t[:, 2 * hid:] + r * hn)
-        h_new = (1.0 - z) * n + z * h
-        return h_new, h_new, (jnp.concatenate([rz, n], -1), hn), (h,)
+    def prep(L, params):
+        return L.prep(params["w_hh"], transposed=False), L.vec(params["b_hh"])
 
     @staticmethod
-    def bwd(w_hh_t, acts, saves, dh):
+    def fwd(L, w, h, xp_t):
+        w_hh, b_hh = w
+        hid = L.width(h)
+        gh = L.apply(w_hh, h) + b_hh
+        rz = jax.nn.sigmoid(L.rows(xp_t, 0, 2 * hid) + L.rows(gh, 0, 2 * hid))
+        r, z = L.rows(rz, 0, hid), L.rows(rz, hid, 2 * hid)
+        hn = L.rows(gh, 2 * hid, 3 * hid)
+        n = jnp.tanh(L.rows(xp_t, 2 * hid, 3 * hid) + r * hn)
+        return (1.0 - z) * n + z * h, (L.cat([rz, n]), hn), (h,)
+
+    @staticmethod
+    def bwd(L, w_hh, acts, saves, dh):
         (rzn, hn), (h,) = acts, saves
-        hid = dh.shape[-1]
-        r, z, n = (rzn[:, k * hid:(k + 1) * hid] for k in range(3))
+        hid = L.width(dh)
+        r, z, n = (L.rows(rzn, k * hid, (k + 1) * hid) for k in range(3))
         dn = dh * (1.0 - z) * (1.0 - n * n)
         dr = dn * hn * r * (1.0 - r)
         dz = dh * (h - n) * z * (1.0 - z)
         dhn = dn * r
-        d_prev = jnp.concatenate([dr, dz, dhn], -1) @ w_hh_t + dh * z
-        return (jnp.concatenate([dr, dz, dn], -1), dhn), d_prev
+        d_prev = L.apply(w_hh, L.cat([dr, dz, dhn])) + dh * z
+        return (L.cat([dr, dz, dn]), dhn), d_prev
 
     @staticmethod
-    def dz_h(bufs):
-        hid = bufs[1].shape[-1]
-        return jnp.concatenate([bufs[0][..., :2 * hid], bufs[1]], -1)
-
-    @staticmethod
-    def h_prev(saves):
-        return saves[0]
+    def dz_h(L, bufs):
+        hid = L.width(bufs[1])
+        rz = bufs[0][: 2 * hid] if L.fm else bufs[0][..., : 2 * hid]
+        return jnp.concatenate([rz, bufs[1]], 0 if L.fm else -1)
 
 
 def _elman(nonlinearity):
@@ -179,29 +252,29 @@ def _elman(nonlinearity):
         extra_bufs = 0
 
         @staticmethod
-        def project(params, xs):
-            return _project(xs, params["w_ih"], params["b_ih"] + params["b_hh"])
+        def x_bias(params):
+            return params["b_ih"] + params["b_hh"]
 
         @staticmethod
-        def fwd(params, h, xp_t):
-            z = xp_t + h @ params["w_hh"]
+        def prep(L, params):
+            return L.prep(params["w_hh"], transposed=False)
+
+        @staticmethod
+        def fwd(L, w_hh, h, xp_t):
+            z = xp_t + L.apply(w_hh, h)
             h_new = jnp.tanh(z) if nonlinearity == "tanh" else jax.nn.relu(z)
-            return h_new, h_new, (h_new,), (h,)
+            return h_new, (h_new,), (h,)
 
         @staticmethod
-        def bwd(w_hh_t, acts, saves, dh):
+        def bwd(L, w_hh, acts, saves, dh):
             (h_new,) = acts
             grad = 1.0 - h_new * h_new if nonlinearity == "tanh" else (h_new > 0).astype(h_new.dtype)
             dz = dh * grad
-            return (dz,), dz @ w_hh_t
+            return (dz,), L.apply(w_hh, dz)
 
         @staticmethod
-        def dz_h(bufs):
+        def dz_h(L, bufs):
             return bufs[0]
-
-        @staticmethod
-        def h_prev(saves):
-            return saves[0]
 
     return _Elman
 
@@ -209,34 +282,35 @@ def _elman(nonlinearity):
 _ELMAN = {"tanh": _elman("tanh"), "relu": _elman("relu")}
 
 
-def _output_of(carry):
-    """The part of a carry that is also the step's output (h)."""
-    return carry[0] if isinstance(carry, tuple) else carry
-
-
 # ----------------------------------------------------------------------------- loops
 
 
-def _forward(cell, params, xs, mask, resets, carry0, unroll, save):
-    """The forward loop. Returns ((ys, carry), bufs, saves); bufs/saves are None unless save."""
-    batch, steps = mask.shape
-    hid = _output_of(carry0).shape[-1]
-    dtype = _output_of(carry0).dtype
-    xp = cell.project(params, xs)
-    ys = jnp.zeros((batch, steps, hid), dtype)
-    if save:
-        bufs = (xp,) + tuple(jnp.zeros((batch, steps, hid), dtype) for _ in range(cell.extra_bufs))
-        saves = jax.tree.map(lambda a: jnp.zeros((batch, steps) + a.shape[1:], a.dtype), carry0)
-        saves = tuple(jax.tree.leaves(saves))
-    else:
-        bufs, saves = (xp,), ()
+def _forward(cell, L, params, xs, mask, resets, carry0, unroll, save):
+    """The forward loop. xs [B, T, D]; carry0 batch-major.
+
+    Returns (ys [B, T, H], carry) and, when `save`, the residuals (x2, bufs, saves, carry0).
+    """
+    steps = xs.shape[1]
+    carry0 = L.carry(carry0)
+    hid, dtype = L.width(_h(carry0)), _h(carry0).dtype
+    x2 = L.flat(L.to_buf(xs))
+    xp = L.unflat(L.project(x2, params["w_ih"], cell.x_bias(params)), steps)
+    w = cell.prep(L, params)
+
+    def empty():
+        shape = (hid, steps, xs.shape[0]) if L.fm else (xs.shape[0], steps, hid)
+        return jnp.zeros(shape, dtype)
+
+    ys = empty()
+    bufs = (xp,) + tuple(empty() for _ in range(cell.extra_bufs if save else 0))
+    saves = tuple(empty() for _ in jax.tree.leaves(carry0)) if save else ()
 
     def body(t, state):
         carry, bufs, saves, ys, xp_t = state
-        m, r = _flag(mask, t), _flag(resets, t)
+        m, r = L.flag(mask, t), L.flag(resets, t)
         carry = _select(r, carry0, carry)
-        new, y, acts, step_saves = cell.fwd(params, carry, xp_t)
-        ys = _put(ys, jnp.where(m, y, 0.0), t)
+        new, acts, step_saves = cell.fwd(L, w, carry, xp_t)
+        ys = _put(ys, jnp.where(m, _h(new), 0.0), t)
         if save:
             bufs = tuple(_put(b, a, t) for b, a in zip(bufs, acts))
             saves = tuple(_put(s, v, t) for s, v in zip(saves, step_saves))
@@ -245,79 +319,78 @@ def _forward(cell, params, xs, mask, resets, carry0, unroll, save):
 
     state = (carry0, bufs, saves, ys, _at(xp, 0))
     carry, bufs, saves, ys, _ = lax.fori_loop(0, steps, body, state, unroll=unroll)
-    return (ys, carry), (bufs if save else None), (saves if save else None)
+    out = (L.to_buf(ys), L.carry(carry))
+    return out, ((x2, bufs, saves, carry0) if save else None)
 
 
-def _backward(cell, params, xs, mask, resets, carry0, bufs, saves, dys, dcarry, unroll):
+def _backward(cell, L, params, mask, resets, residuals, dys, dcarry, unroll):
     """The reverse loop and the after-the-loop matmuls. Returns (dparams, dxs, dcarry0)."""
-    batch, steps, d_in = xs.shape
-    w_hh_t = params["w_hh"].T  # made contiguous once, outside the loop
+    x2, bufs, saves, carry0 = residuals
+    steps = mask.shape[1]
+    dys = L.to_buf(dys)
+    dcarry = L.carry(dcarry)
+    w_hh = L.prep(params["w_hh"], transposed=True)  # made contiguous once, outside the loop
 
     def body(k, state):
         t = steps - 1 - k
         d, d0, bufs, acts = state
-        m, r = _flag(mask, t), _flag(resets, t)
+        m, r = L.flag(mask, t), L.flag(resets, t)
         d_new = jax.tree.map(lambda a: jnp.where(m, a, 0.0), d)
-        if isinstance(d_new, tuple):
-            d_new = (d_new[0] + jnp.where(m, _at(dys, t), 0.0),) + d_new[1:]
-        else:
-            d_new = d_new + jnp.where(m, _at(dys, t), 0.0)
-        cts, d_prev = cell.bwd(w_hh_t, acts, tuple(_at(s, t) for s in saves), d_new)
+        dy = jnp.where(m, _at(dys, t), 0.0)
+        d_new = (d_new[0] + dy,) + d_new[1:] if isinstance(d_new, tuple) else d_new + dy
+        cts, d_prev = cell.bwd(L, w_hh, acts, tuple(_at(s, t) for s in saves), d_new)
         # A masked step passed the carry through unchanged; a reset step took carry0.
         d_prev = jax.tree.map(lambda a, b: a + jnp.where(m, 0.0, b), d_prev, d)
         d0 = jax.tree.map(lambda a, b: a + jnp.where(r, b, 0.0), d0, d_prev)
         d_prev = jax.tree.map(lambda a: jnp.where(r, 0.0, a), d_prev)
         bufs = tuple(_put(b, c, t) for b, c in zip(bufs, cts))
         # Read step t-1's activations only now, after the write: XLA then updates the
-        # buffers in place (reading them earlier, from several fusions, made it copy
-        # the whole buffer every step).
+        # buffers in place (read earlier, by several fusions, XLA copied the whole
+        # buffer every step).
         acts = tuple(_at(b, jnp.maximum(t - 1, 0)) for b in bufs)
         return d_prev, d0, bufs, acts
 
     zeros = jax.tree.map(jnp.zeros_like, dcarry)
     acts0 = tuple(_at(b, steps - 1) for b in bufs)
     d, d0, bufs, _ = lax.fori_loop(0, steps, body, (dcarry, zeros, bufs, acts0), unroll=unroll)
-    dcarry0 = jax.tree.map(jnp.add, d0, d)
+    dcarry0 = L.carry(jax.tree.map(jnp.add, d0, d))
 
-    dzx = bufs[0].reshape(batch * steps, -1)
-    dzh = cell.dz_h(bufs).reshape(batch * steps, -1)
-    h_prev = cell.h_prev(saves).reshape(batch * steps, -1)
-    x2 = xs.reshape(batch * steps, d_in)
-    dzx_sum = dzx.sum(0)
+    dzx, dzh, h_prev = L.flat(bufs[0]), L.flat(cell.dz_h(L, bufs)), L.flat(saves[0])
+    dzx_sum = L.bsum(dzx)
     grads = {
-        "w_ih": x2.T @ dzx,
-        "w_hh": h_prev.T @ dzh,
+        "w_ih": L.wgrad(x2, dzx),
+        "w_hh": L.wgrad(h_prev, dzh),
         "b_ih": dzx_sum,
-        "b_hh": dzx_sum if dzh is dzx else dzh.sum(0),
+        "b_hh": dzx_sum if dzh is dzx else L.bsum(dzh),
     }
-    dxs = (dzx @ params["w_ih"].T).reshape(batch, steps, d_in)
+    dxs = L.to_buf(L.unflat(L.dx(dzx, params["w_ih"]), steps))
     return grads, dxs, dcarry0
 
 
 def _make_sequence_fn(cell, doc):
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
     def run(params, xs, mask, carry0, resets, unroll=1):
-        (ys, carry), _, _ = _forward(cell, params, xs, mask, resets, carry0, unroll, save=False)
-        return ys, carry
+        L = _Layout(_feature_major(params["w_hh"].shape[0]))
+        return _forward(cell, L, params, xs, mask, resets, carry0, unroll, save=False)[0]
 
     def fwd(params, xs, mask, carry0, resets, unroll):
-        out, bufs, saves = _forward(cell, params, xs, mask, resets, carry0, unroll, save=True)
-        return out, (params, xs, mask, resets, carry0, bufs, saves)
+        L = _Layout(_feature_major(params["w_hh"].shape[0]))
+        out, residuals = _forward(cell, L, params, xs, mask, resets, carry0, unroll, save=True)
+        return out, (params, xs, mask, resets, carry0, residuals)
 
     def bwd(unroll, res, cts):
-        params, xs, mask, resets, carry0, bufs, saves = res
+        params, xs, mask, resets, carry0, residuals = res
+        L = _Layout(_feature_major(params["w_hh"].shape[0]))
         dys, dcarry = cts
-        grads, dxs, dcarry0 = _backward(cell, params, xs, mask, resets, carry0, bufs, saves, dys, dcarry, unroll)
+        grads, dxs, dcarry0 = _backward(cell, L, params, mask, resets, residuals, dys, dcarry, unroll)
         return _cast_like(grads, params), dxs.astype(xs.dtype), None, _cast_like(dcarry0, carry0), None
 
     run.defvjp(fwd, bwd)
 
     def sequence(params, xs, mask, carry0, resets, unroll=1):
         if xs.shape[1] == 0:  # no steps: nothing to loop over (the loops index step T-1)
-            return jnp.zeros(xs.shape[:2] + (_output_of(carry0).shape[-1],), xs.dtype), carry0
-        # dict(): inside a Flax module params arrive as a FrozenDict, and the custom_vjp's cotangents
-        # (built as plain dicts) must have the primal's pytree type.
-        return run(dict(params), xs, mask.astype(bool), carry0, resets.astype(bool), unroll)
+            return jnp.zeros(xs.shape[:2] + (_h(carry0).shape[-1],), xs.dtype), carry0
+        return run(params, xs, mask.astype(bool), carry0, resets.astype(bool), unroll)
 
     sequence.__doc__ = doc
     return sequence

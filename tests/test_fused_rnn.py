@@ -3,7 +3,8 @@
 Reference: `jaxseq.scan._lax_scan_cell`, i.e. `lax.scan` over `cell.step` with JAX's own
 autodiff. Checked: outputs, final carry, and gradients w.r.t. params, xs and carry0, with
 padding + holes in the mask, resets, a non-zero carry0, odd sizes, batch 1, length 1,
-length 0, under jit, and through `jaxseq.unroll` (forward, reverse, bidirectional).
+length 0, under jit, in both internal layouts (batch- and feature-major), and through
+`jaxseq.unroll` (forward, reverse, bidirectional).
 """
 
 import jax
@@ -77,8 +78,15 @@ def _compare(cell, params, xs, mask, resets, carry0, w):
     return got
 
 
+@pytest.fixture(params=["batch_major", "feature_major"])
+def layout(request, monkeypatch):
+    """Run a test in each of fused_rnn's two internal layouts (chosen by size in real use)."""
+    monkeypatch.setattr(fused_rnn, "FEATURE_MAJOR_MIN_HIDDEN", 1 if request.param == "feature_major" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", sorted(CELLS))
-def test_matches_scan_with_padding_holes_resets_and_carry0(kind):
+def test_matches_scan_with_padding_holes_resets_and_carry0(kind, layout):
     cell = CELLS[kind](5, 7)  # odd sizes
     params, xs, mask, resets, carry0, w = _problem(cell, batch=5, steps=9)
     assert not mask[0].any() and not mask[4, -1] and (~mask[4, :5]).any() and resets[mask].any()
@@ -91,7 +99,7 @@ def test_matches_scan_with_padding_holes_resets_and_carry0(kind):
 
 
 @pytest.mark.parametrize("kind,batch,steps", [("lstm", 1, 6), ("gru", 3, 1)])
-def test_matches_scan_batch_one_and_length_one(kind, batch, steps):
+def test_matches_scan_batch_one_and_length_one(kind, batch, steps, layout):
     # The loop driver is shared by the cells, so each edge shape is checked on one of them.
     cell = CELLS[kind](3, 4)
     params, xs, mask, resets, carry0, w = _problem(cell, batch, steps, seed=batch + steps, holes=False)
