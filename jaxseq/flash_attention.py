@@ -121,20 +121,42 @@ def _split_blocks(n: int, block: int) -> tuple[int, int]:
     return size, nb
 
 
-def _pick_chunk(bh: int, target: int) -> int:
-    """Largest divisor of bh not above target."""
-    return max(c for c in range(1, min(bh, max(1, target)) + 1) if bh % c == 0)
+def _pick_chunk(B: int, Hkv: int, target: int) -> int:
+    """The largest chunk c <= target of (batch, kv head) slices that splits [B, Hkv] as (.., c) or
+    (.., c / Hkv) x Hkv, so moving to the blocked layout is a single transpose."""
+    ok = [c for c in range(1, B * Hkv + 1) if Hkv % c == 0 or (c % Hkv == 0 and B % (c // Hkv) == 0)]
+    return max([c for c in ok if c <= max(1, target)] or [1])
+
+
+def _to_blocks(x, nb: int, c: int):
+    """[B, nb*blk, Hkv, G, d] -> [nc, nb, c, blk*G, d], chunks c over the (batch, kv head) slices."""
+    B, L, Hkv, G, d = x.shape
+    blk = L // nb
+    if Hkv % c == 0:  # c divides the heads: [B, nb, blk, Hkv/c, c, G, d] -> [B, Hkv/c, nb, c, blk, G, d]
+        x = x.reshape(B, nb, blk, Hkv // c, c, G, d).transpose(0, 3, 1, 4, 2, 5, 6)
+    else:  # c = b2 * Hkv: [B/b2, b2, nb, blk, Hkv, G, d] -> [B/b2, nb, b2, Hkv, blk, G, d]
+        x = x.reshape(B // (c // Hkv), c // Hkv, nb, blk, Hkv, G, d).transpose(0, 2, 1, 4, 3, 5, 6)
+    return x.reshape(B * Hkv // c, nb, c, blk * G, d)
+
+
+def _from_blocks(x, B: int, Hkv: int, G: int):
+    """Inverse of _to_blocks: [nc, nb, c, blk*G, d] -> [B, nb*blk, Hkv, G, d]."""
+    nc, nb, c, rows, d = x.shape
+    blk = rows // G
+    if Hkv % c == 0:
+        x = x.reshape(B, Hkv // c, nb, c, blk, G, d).transpose(0, 2, 4, 1, 3, 5, 6)
+    else:
+        x = x.reshape(B // (c // Hkv), nb, c // Hkv, Hkv, blk, G, d).transpose(0, 2, 1, 4, 3, 5, 6)
+    return x.reshape(B, nb * blk, Hkv, G, d)
 
 
 # ----------------------------------------------------------------------------------------------------
 # One block pair. Shapes: c = chunk of (batch, kv head) slices, R = rows of a q block, K = keys of a block.
 
 
-def _block_mask(plan: _Plan, i, j, kvalid, offset):
-    """Bool mask [c|1, R|1, K] for block pair (i, j) (traced indices), or None if none applies."""
-    mask = None
-    if plan.key_mask:
-        mask = lax.dynamic_index_in_dim(kvalid, j, keepdims=False)  # [c, 1, K]
+def _block_mask(plan: _Plan, i, j, kvalid_j, offset):
+    """Bool mask [c, R|1, K] of block pair (i, j) (traced indices); kvalid_j [c, 1, K], offset [c, 1, 1]."""
+    mask = kvalid_j if plan.key_mask else None
     if plan.causal:
         r = lax.broadcasted_iota(jnp.int32, (1, plan.rows, 1), 1)
         q_pos = offset + i * plan.bq + r // plan.G  # offset: [c, 1, 1]
@@ -189,123 +211,141 @@ def _finalize(acc, m, l):
     return out, lse
 
 
-def _at(x, i):
-    return lax.dynamic_index_in_dim(x, i, keepdims=False)
+def _at(x, *idx):
+    """x[idx] for traced leading indices (one dynamic slice)."""
+    start = tuple(idx) + (0,) * (x.ndim - len(idx))
+    return lax.dynamic_slice(x, start, (1,) * len(idx) + x.shape[len(idx) :]).reshape(x.shape[len(idx) :])
 
 
-def _add_at(x, i, upd):
-    return lax.dynamic_update_index_in_dim(x, _at(x, i) + upd, i, 0)
+def _add_at(x, idx, upd):
+    """x with x[idx] += upd."""
+    new = (_at(x, *idx) + upd).reshape((1,) * len(idx) + upd.shape)
+    return lax.dynamic_update_slice(x, new, tuple(idx) + (0,) * upd.ndim)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Schedules over one chunk: the order in which the visible block pairs are visited.
-# q: [nq, c, R, d], k/v: [nk, c, K, d], kvalid: [nk, c, 1, K], offset: [c, 1, 1].
+# Schedules: the order in which the visible block pairs are visited. Arrays carry a leading axis of
+# chunks n; one loop runs over (chunk, block) rows, so no chunk is ever sliced out and copied.
+# q: [nc, nq, c, R, d], k/v: [nc, nk, c, K, d], kvalid: [nc, nk, c, 1, K], offset: [nc, c, 1, 1].
 
 
-def _forward_chunk(plan: _Plan, q, k, v, kvalid, offset):
-    """-> out [nq, c, R, d] f32, lse [nq, c, R] f32."""
-    nq, c, R, d = q.shape
+def _forward(plan: _Plan, q, k, v, kvalid, offset):
+    """-> out [nc, nq, c, R, d] f32, lse [nc, nq, c, R] f32."""
+    nc, nq, c, R, d = q.shape
     init = (jnp.zeros((c, R, d), jnp.float32), jnp.full((c, R), -jnp.inf, jnp.float32), jnp.zeros((c, R), jnp.float32))
+
+    def mask_of(n, i, j, with_mask):
+        return _block_mask(plan, i, j, _at(kvalid, n, j), _at(offset, n)) if with_mask else None
+
     if plan.schedule == "rows":
-        # A scan over q blocks; per block two loops over key blocks whose trip counts depend on the
-        # block: unmasked keys first, then the (diagonal / padded) ones that need a mask.
+        # A scan over (chunk, q block) rows; per row two loops over key blocks whose trip counts depend
+        # on the block: unmasked keys first, then the (diagonal / padded) ones that need a mask.
         n_free, n_vis = plan.row_counts()
 
         def row(_, xs):
-            i, qi, nf, nv = xs
+            n, i, nf, nv = xs
+            qi = _at(q, n, i)
 
             def step(j, carry, with_mask):
-                mask = _block_mask(plan, i, j, kvalid, offset) if with_mask else None
-                return _fwd_step(carry, qi, _at(k, j), _at(v, j), mask)
+                return _fwd_step(carry, qi, _at(k, n, j), _at(v, n, j), mask_of(n, i, j, with_mask))
 
             carry = lax.fori_loop(0, nf, lambda j, c: step(j, c, False), init)
             carry = lax.fori_loop(nf, nv, lambda j, c: step(j, c, True), carry)
             return None, _finalize(*carry)
 
-        _, (out, lse) = lax.scan(row, None, (jnp.arange(nq), q, jnp.asarray(n_free), jnp.asarray(n_vis)))
-        return out, lse
+        xs = (
+            np.repeat(np.arange(nc, dtype=np.int32), nq), np.tile(np.arange(nq, dtype=np.int32), nc),
+            np.tile(n_free, nc), np.tile(n_vis, nc),
+        )  # fmt: skip
+        _, (out, lse) = lax.scan(row, None, xs)
+        return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
-    state = tuple(jnp.broadcast_to(x, (nq,) + x.shape) for x in init)
+    state = tuple(jnp.broadcast_to(x, (nc, nq) + x.shape) for x in init)
 
-    def visit(state, i, j, with_mask):
-        mask = _block_mask(plan, i, j, kvalid, offset) if with_mask else None
-        blk = _fwd_step(tuple(_at(x, i) for x in state), _at(q, i), _at(k, j), _at(v, j), mask)
-        return tuple(lax.dynamic_update_index_in_dim(x, b, i, 0) for x, b in zip(state, blk))
+    def visit(state, n, i, j, with_mask):
+        blk = _fwd_step(tuple(_at(x, n, i) for x in state), _at(q, n, i), _at(k, n, j), _at(v, n, j), mask_of(n, i, j, with_mask))
+        return tuple(lax.dynamic_update_slice(x, b[None, None], (n, i) + (0,) * b.ndim) for x, b in zip(state, blk))
 
-    return _finalize(*_scan_pairs(plan, visit, state))
+    return _finalize(*_scan_pairs(plan, nc, visit, state))
 
 
-def _backward_chunk(plan: _Plan, q, k, v, kvalid, offset, out, lse, do):
-    """FlashAttention-2 backward -> dq [nq, c, R, d], dk, dv [nk, c, K, d], float32."""
-    delta = jnp.sum(do.astype(jnp.float32) * out, axis=-1)  # [nq, c, R]: rowsum(dO * O)
+def _backward(plan: _Plan, q, k, v, kvalid, offset, out, lse, do):
+    """FlashAttention-2 backward -> dq [nc, nq, c, R, d], dk, dv [nc, nk, c, K, d], float32."""
+    nc, nk, c, K, d = k.shape
+    delta = jnp.sum(do.astype(jnp.float32) * out, axis=-1)  # [nc, nq, c, R]: rowsum(dO * O)
     do = do.astype(q.dtype)
-    qT, doT = jnp.swapaxes(q, -1, -2), jnp.swapaxes(do, -1, -2)  # [nq, c, d, R]
+    qT, doT = jnp.swapaxes(q, -1, -2), jnp.swapaxes(do, -1, -2)  # [nc, nq, c, d, R]
 
-    def grads(i, j, kj, vj, with_mask):
-        mask = _block_mask(plan, i, j, kvalid, offset) if with_mask else None
-        return _bwd_step(_at(q, i), _at(qT, i), kj, vj, _at(do, i), _at(doT, i), _at(lse, i), _at(delta, i), mask)
+    def grads(n, i, j, kj, vj, with_mask):
+        mask = _block_mask(plan, i, j, _at(kvalid, n, j), _at(offset, n)) if with_mask else None
+        qi, qTi, doi, doTi = _at(q, n, i), _at(qT, n, i), _at(do, n, i), _at(doT, n, i)
+        return _bwd_step(qi, qTi, kj, vj, doi, doTi, _at(lse, n, i), _at(delta, n, i), mask)
 
     if plan.schedule == "rows":
-        # A scan over key blocks (dk_j, dv_j accumulate in the loop carry; dq in a buffer for the
-        # chunk), inner loops over the q blocks that see block j: masked ones first, then unmasked.
+        # A scan over (chunk, key block) columns (dk_j, dv_j accumulate in the loop carry, dq in a
+        # buffer), inner loops over the q blocks that see block j: masked ones first, then unmasked.
         i_first, i_free = plan.col_counts()
 
         def col(dq, xs):
-            j, kj, vj, first, free = xs
+            n, j, first, free = xs
+            kj, vj = _at(k, n, j), _at(v, n, j)
 
             def step(i, carry, with_mask):
                 dq, dkT, dvT = carry
-                g = grads(i, j, kj, vj, with_mask)
-                return _add_at(dq, i, g[0]), dkT + g[1], dvT + g[2]
+                g = grads(n, i, j, kj, vj, with_mask)
+                return _add_at(dq, (n, i), g[0]), dkT + g[1], dvT + g[2]
 
-            zero = jnp.zeros(jnp.swapaxes(kj, -1, -2).shape, jnp.float32)
+            zero = jnp.zeros((c, d, K), jnp.float32)
             carry = lax.fori_loop(first, free, lambda i, c: step(i, c, True), (dq, zero, zero))
             dq, dkT, dvT = lax.fori_loop(free, plan.nq, lambda i, c: step(i, c, False), carry)
             return dq, (dkT, dvT)
 
-        xs = (jnp.arange(plan.nk), k, v, jnp.asarray(i_first), jnp.asarray(i_free))
+        xs = (
+            np.repeat(np.arange(nc, dtype=np.int32), nk), np.tile(np.arange(nk, dtype=np.int32), nc),
+            np.tile(i_first, nc), np.tile(i_free, nc),
+        )  # fmt: skip
         dq, (dkT, dvT) = lax.scan(col, jnp.zeros(q.shape, jnp.float32), xs)
+        dkT, dvT = dkT.reshape(nc, nk, c, d, K), dvT.reshape(nc, nk, c, d, K)
     else:
-        kT_shape = k.shape[:2] + k.shape[:1:-1]  # [nk, c, d, K]
-        state = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(kT_shape, jnp.float32), jnp.zeros(kT_shape, jnp.float32))
+        zero = jnp.zeros((nc, nk, c, d, K), jnp.float32)
 
-        def visit(state, i, j, with_mask):
-            g = grads(i, j, _at(k, j), _at(v, j), with_mask)
-            return _add_at(state[0], i, g[0]), _add_at(state[1], j, g[1]), _add_at(state[2], j, g[2])
+        def visit(state, n, i, j, with_mask):
+            g = grads(n, i, j, _at(k, n, j), _at(v, n, j), with_mask)
+            return _add_at(state[0], (n, i), g[0]), _add_at(state[1], (n, j), g[1]), _add_at(state[2], (n, j), g[2])
 
-        dq, dkT, dvT = _scan_pairs(plan, visit, state)
+        dq, dkT, dvT = _scan_pairs(plan, nc, visit, (jnp.zeros(q.shape, jnp.float32), zero, zero))
     return dq, jnp.swapaxes(dkT, -1, -2), jnp.swapaxes(dvT, -1, -2)
 
 
-def _scan_pairs(plan: _Plan, visit, state):
-    """One scan over the static list of unmasked block pairs, one over the masked ones."""
+def _scan_pairs(plan: _Plan, nc: int, visit, state):
+    """One scan over the static list of unmasked (chunk, q block, key block) triples, one over the masked."""
     free, masked = plan.pairs()
     for pairs, with_mask in ((free, False), (masked, True)):
         if pairs:
-            ij = jnp.asarray(pairs, jnp.int32)
-            state, _ = lax.scan(lambda s, x: (visit(s, x[0], x[1], with_mask), None), state, ij)
+            nij = jnp.asarray([(n, i, j) for n in range(nc) for i, j in pairs], jnp.int32)
+            state, _ = lax.scan(lambda s, x: (visit(s, x[0], x[1], x[2], with_mask), None), state, nij)
     return state
 
 
 # ----------------------------------------------------------------------------------------------------
-# custom_vjp over the blocked layout: a leading axis of chunks, each processed by its own loops, so
-# one step touches c (batch, head) slices: its tiles stay in cache (measured: 4 slices at 128x128
-# ran ~1.5x the flops per second of all 32 at once).
+# custom_vjp over the blocked layout. The leading chunk axis makes one step touch c (batch, head)
+# slices only, so its tiles stay in cache (measured: 4 slices at 128x128 ran ~1.5x the flops per
+# second of all 32 at once).
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash_blocks(plan, q, k, v, kvalid, offset):
-    return _flash_blocks_fwd(plan, q, k, v, kvalid, offset)[0]
+    return _forward(plan, q, k, v, kvalid, offset)[0]
 
 
 def _flash_blocks_fwd(plan, q, k, v, kvalid, offset):
-    out, lse = lax.map(lambda xs: _forward_chunk(plan, *xs), (q, k, v, kvalid, offset))
+    out, lse = _forward(plan, q, k, v, kvalid, offset)
     return out, (q, k, v, kvalid, offset, out, lse)
 
 
 def _flash_blocks_bwd(plan, res, do):
     q, k, v, kvalid, offset, out, lse = res
-    dq, dk, dv = lax.map(lambda xs: _backward_chunk(plan, *xs), (q, k, v, kvalid, offset, out, lse, do))
+    dq, dk, dv = _backward(plan, q, k, v, kvalid, offset, out, lse, do)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -366,7 +406,7 @@ def flash_attention(
         return jnp.zeros(q.shape, q.dtype)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     BH = B * Hkv
-    c = _pick_chunk(BH, int(chunk))
+    c = _pick_chunk(B, Hkv, int(chunk))
     nc = BH // c
 
     static_offset = None
@@ -398,8 +438,8 @@ def flash_attention(
     else:
         kvalid = jnp.ones((B, S), bool)
     kvalid = jnp.pad(kvalid, ((0, 0), (0, Sp - S)))  # padded keys are invalid
-    kvalid = jnp.broadcast_to(kvalid.reshape(B, 1, nk, 1, bk), (B, Hkv, nk, 1, bk))
-    kvalid = kvalid.reshape(nc, c, nk, 1, bk).transpose(0, 2, 1, 3, 4)  # [nc, nk, c, 1, bk]
+    kvalid = jnp.broadcast_to(kvalid.reshape(B, Sp, 1, 1, 1), (B, Sp, Hkv, 1, 1))
+    kvalid = _to_blocks(kvalid, nk, c)[..., 0][:, :, :, None, :]  # [nc, nk, c, 1, bk]
 
     plan = _Plan(
         T=T, S=S, G=G, bq=bq, bk=bk, nq=nq, nk=nk, chunk=c, causal=bool(causal), static_offset=static_offset,
@@ -408,14 +448,12 @@ def flash_attention(
 
     # [B, T, H, d] -> [nc, nq, c, bq*G, d]: the scale goes into q (one multiply per query, not per score).
     qb = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
-    qb = qb.reshape(B, nq, bq, Hkv, G, d).transpose(0, 3, 1, 2, 4, 5).reshape(nc, c, nq, bq * G, d)
-    qb = qb.transpose(0, 2, 1, 3, 4)
+    qb = _to_blocks(qb.reshape(B, Tp, Hkv, G, d), nq, c)  # [nc, nq, c, bq*G, d]
 
     def kv_blocks(x):  # [B, S, Hkv, d] -> [nc, nk, c, bk, d]
         x = jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
-        x = x.reshape(B, nk, bk, Hkv, d).transpose(0, 3, 1, 2, 4).reshape(nc, c, nk, bk, d)
-        return x.transpose(0, 2, 1, 3, 4)
+        return _to_blocks(x.reshape(B, Sp, Hkv, 1, d), nk, c)
 
     out = _flash_blocks(plan, qb, kv_blocks(k), kv_blocks(v), kvalid, offset)  # [nc, nq, c, bq*G, d]
-    out = out.transpose(0, 2, 1, 3, 4).reshape(B, Hkv, nq, bq, G, d).transpose(0, 2, 3, 1, 4, 5)
+    out = _from_blocks(out, B, Hkv, G)
     return out.reshape(B, Tp, H, d)[:, :T].astype(q.dtype)
