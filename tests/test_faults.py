@@ -119,8 +119,11 @@ def env_for(tmp: Path, **extra) -> dict:
         corpus = stdlib_cache_path()
     corpus.parent.mkdir(parents=True, exist_ok=True)
     corpus.write_text(TEXT)
+    # A size limit turns on JAX's file lock around cache reads and writes: processes running at the same
+    # time then never read an entry another one is half-way through writing.
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAXSEQ_CACHE=str(tmp / "jaxseq_cache"), **extra)
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30),
+               JAXSEQ_CACHE=str(tmp / "jaxseq_cache"), **extra)
     return env
 
 
