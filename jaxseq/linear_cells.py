@@ -386,10 +386,9 @@ def make_linear_cell(kind: str, d_in: int, d_hidden: int, *, num_layers: int = 1
         raise ConfigError(f"unknown linear cell kind {kind!r}; expected one of {', '.join(map(repr, LINEAR_CELLS))}.")
     if num_layers < 1:
         raise ConfigError(f"num_layers must be >= 1, got {num_layers}.")
-    cls = LINEAR_CELLS[kind]
-    extra = {"glu": block} if kind == "lru" else {}
     if kind == "lru":
-        cells = [cls(d_in, d_hidden, norm=block, **extra) for _ in range(num_layers)]
+        cells = [LRU(d_in, d_hidden, norm=block, glu=block) for _ in range(num_layers)]
     else:
+        cls = LINEAR_CELLS[kind]
         cells = [cls(d_in, d_hidden, norm=block)] + [cls(d_hidden, d_hidden, norm=block) for _ in range(num_layers - 1)]
     return cells[0] if num_layers == 1 else stack(cells, residual=residual, dropout=dropout)
