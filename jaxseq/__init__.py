@@ -25,6 +25,16 @@ from jaxseq.models.ngram import NGramLM
 from jaxseq.models.rnn_lm import RecurrentLM
 from jaxseq.models.transformer import TransformerLM
 from jaxseq.scan import unroll
-from jaxseq.train import TrainState, evaluate, make_eval_step, make_optimizer, make_train_step, train
+from jaxseq.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch, state_shardings
+from jaxseq.train import (
+    ShardedStep,
+    TrainState,
+    evaluate,
+    make_eval_step,
+    make_optimizer,
+    make_sharded_step,
+    make_train_step,
+    train,
+)
 
 __version__ = "0.1.0"
