@@ -12,7 +12,8 @@ losing variants are in benchmarks/README.md): autodiff of a scan saves and repla
 every per-step op. Here
 
 - the input projection is one `[B*T, d_in] @ [d_in, G]` matmul before the loop
-  (G = gates * H), written into a buffer `buf` that is then reused in place: the
+  (G = gates * H; the bias is added in the loop), written into a buffer `buf` that
+  is then reused in place: the
   forward loop overwrites step t's projection with its activated gates, the backward
   loop overwrites those with the gate cotangents dZ. One buffer instead of three
   keeps page faults (a large part of the time on CPU) down;
@@ -45,12 +46,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Feature-major from this hidden size up (measured, batch 32, see benchmarks/README.md).
+# Feature-major from these hidden sizes up (measured at batch 32, see benchmarks/README.md):
+# training (forward + backward) and inference (forward only, projection inside the loop).
 FEATURE_MAJOR_MIN_HIDDEN = 512
+FEATURE_MAJOR_MIN_HIDDEN_INFERENCE = 256
 
 
-def _feature_major(hidden: int) -> bool:
-    return hidden >= FEATURE_MAJOR_MIN_HIDDEN
+def _feature_major(hidden: int, training: bool = True) -> bool:
+    return hidden >= (FEATURE_MAJOR_MIN_HIDDEN if training else FEATURE_MAJOR_MIN_HIDDEN_INFERENCE)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -108,9 +111,9 @@ class _Layout:
     def apply(self, w, v):
         return w @ v if self.fm else v @ w
 
-    def project(self, x2, w_ih, bias):
+    def project(self, x2, w_ih):
         """The input projection of all steps: x2 is `flat(to_buf(xs))`."""
-        return w_ih.T @ x2 + bias[:, None] if self.fm else x2 @ w_ih + bias
+        return w_ih.T @ x2 if self.fm else x2 @ w_ih
 
     def wgrad(self, a2, dz2):
         """sum over steps and rows of a^T dz: [F_a, G] from flat buffers."""
@@ -151,7 +154,7 @@ def _h(carry):
 # ----------------------------------------------------------------------------- cells
 #
 # Each cell supplies, for one step on [B, F] (or [F, B]) slices, in layout L:
-#   x_bias(params) -> [G] bias folded into the input projection.
+#   x_bias(params) -> [G] bias added to the input projection.
 #   prep(L, params) -> the forward loop's weights, transposed as L needs them.
 #   fwd(L, w, carry, xp_t) -> (new_carry, acts, saves)
 #       xp_t: the step's slice of the projection buffer; acts: tuple written in place
@@ -289,38 +292,59 @@ def _forward(cell, L, params, xs, mask, resets, carry0, unroll, save):
     """The forward loop. xs [B, T, D]; carry0 batch-major.
 
     Returns (ys [B, T, H], carry) and, when `save`, the residuals (x2, bufs, saves, carry0).
+    Without `save` (inference) the input projection is done step by step inside the loop:
+    no [B, T, G] buffer to fill (measured faster; see benchmarks/README.md).
     """
     steps = xs.shape[1]
     carry0 = L.carry(carry0)
     hid, dtype = L.width(_h(carry0)), _h(carry0).dtype
-    x2 = L.flat(L.to_buf(xs))
-    xp = L.unflat(L.project(x2, params["w_ih"], cell.x_bias(params)), steps)
     w = cell.prep(L, params)
+    if not save:
+        return _forward_inference(cell, L, params, w, xs, mask, resets, carry0, unroll), None
+    x2 = L.flat(L.to_buf(xs))
+    # No bias here: added inside the loop (fused with the gates), the matmul's output is
+    # the buffer itself; a separate "+ bias" pass wrote a second 16 MB array (measured).
+    xp = L.unflat(L.project(x2, params["w_ih"]), steps)
+    bias = L.vec(cell.x_bias(params))
 
     def empty():
         shape = (hid, steps, xs.shape[0]) if L.fm else (xs.shape[0], steps, hid)
         return jnp.zeros(shape, dtype)
 
     ys = empty()
-    bufs = (xp,) + tuple(empty() for _ in range(cell.extra_bufs if save else 0))
-    saves = tuple(empty() for _ in jax.tree.leaves(carry0)) if save else ()
+    bufs = (xp,) + tuple(empty() for _ in range(cell.extra_bufs))
+    saves = tuple(empty() for _ in jax.tree.leaves(carry0))
 
     def body(t, state):
         carry, bufs, saves, ys, xp_t = state
         m, r = L.flag(mask, t), L.flag(resets, t)
         carry = _select(r, carry0, carry)
-        new, acts, step_saves = cell.fwd(L, w, carry, xp_t)
+        new, acts, step_saves = cell.fwd(L, w, carry, xp_t + bias)
         ys = _put(ys, jnp.where(m, _h(new), 0.0), t)
-        if save:
-            bufs = tuple(_put(b, a, t) for b, a in zip(bufs, acts))
-            saves = tuple(_put(s, v, t) for s, v in zip(saves, step_saves))
+        bufs = tuple(_put(b, a, t) for b, a in zip(bufs, acts))
+        saves = tuple(_put(s, v, t) for s, v in zip(saves, step_saves))
         # Read step t+1's projection after writing step t (see _backward on why).
         return _select(m, new, carry), bufs, saves, ys, _at(bufs[0], jnp.minimum(t + 1, steps - 1))
 
     state = (carry0, bufs, saves, ys, _at(xp, 0))
     carry, bufs, saves, ys, _ = lax.fori_loop(0, steps, body, state, unroll=unroll)
-    out = (L.to_buf(ys), L.carry(carry))
-    return out, ((x2, bufs, saves, carry0) if save else None)
+    return (L.to_buf(ys), L.carry(carry)), (x2, bufs, saves, carry0)
+
+
+def _forward_inference(cell, L, params, w, xs, mask, resets, carry0, unroll):
+    """Forward only: the input projection inside the loop, nothing saved."""
+    x_buf = L.to_buf(xs)
+    w_ih, bias = L.prep(params["w_ih"], transposed=False), L.vec(cell.x_bias(params))
+
+    def body(carry, t):
+        m, r = L.flag(mask, t), L.flag(resets, t)
+        carry = _select(r, carry0, carry)
+        new, _, _ = cell.fwd(L, w, carry, L.apply(w_ih, _at(x_buf, t)) + bias)
+        return _select(m, new, carry), jnp.where(m, _h(new), 0.0)
+
+    carry, ys = lax.scan(body, carry0, jnp.arange(xs.shape[1]), unroll=unroll)  # ys: [T, ...step slice]
+    ys = jnp.transpose(ys, (2, 0, 1) if L.fm else (1, 0, 2))  # -> [B, T, H]
+    return ys, L.carry(carry)
 
 
 def _backward(cell, L, params, mask, resets, residuals, dys, dcarry, unroll):
@@ -370,7 +394,7 @@ def _backward(cell, L, params, mask, resets, residuals, dys, dcarry, unroll):
 def _make_sequence_fn(cell, doc):
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
     def run(params, xs, mask, carry0, resets, unroll=1):
-        L = _Layout(_feature_major(params["w_hh"].shape[0]))
+        L = _Layout(_feature_major(params["w_hh"].shape[0], training=False))
         return _forward(cell, L, params, xs, mask, resets, carry0, unroll, save=False)[0]
 
     def fwd(params, xs, mask, carry0, resets, unroll):

@@ -81,7 +81,9 @@ def _compare(cell, params, xs, mask, resets, carry0, w):
 @pytest.fixture(params=["batch_major", "feature_major"])
 def layout(request, monkeypatch):
     """Run a test in each of fused_rnn's two internal layouts (chosen by size in real use)."""
-    monkeypatch.setattr(fused_rnn, "FEATURE_MAJOR_MIN_HIDDEN", 1 if request.param == "feature_major" else 10**9)
+    threshold = 1 if request.param == "feature_major" else 10**9
+    monkeypatch.setattr(fused_rnn, "FEATURE_MAJOR_MIN_HIDDEN", threshold)
+    monkeypatch.setattr(fused_rnn, "FEATURE_MAJOR_MIN_HIDDEN_INFERENCE", threshold)
     return request.param
 
 

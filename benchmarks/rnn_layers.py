@@ -1,0 +1,252 @@
+"""LSTM / GRU layers, tokens/s: jaxseq (fused) vs jaxseq's plain scan vs Flax vs PyTorch.
+
+One layer, batch 32, length 128, input 128, hidden 64 / 256 / 512, float32, on this machine's CPU.
+
+  * jaxseq:          `jaxseq.unroll(LSTM|GRU(...), params, xs)`: the fused whole-sequence form
+                     (`jaxseq.fused_rnn`, hand-written backward pass).
+  * jaxseq-scan:     the same cell through the reference path, `lax.scan` of `cell.step` with
+                     JAX's autodiff (`jaxseq.scan._lax_scan_cell`, what `unroll` ran before).
+  * flax-*:          `flax.linen.RNN(OptimizedLSTMCell | LSTMCell | GRUCell)`.
+  * torch:           `torch.nn.LSTM` / `torch.nn.GRU` (batch_first, CPU, oneDNN where PyTorch uses
+                     it), eager, `torch.set_num_threads` left at its default unless --threads is given.
+
+Modes: `train` = forward + backward of loss = sum(outputs * W) with W a fixed random [B, T, H]
+array, gradients of every parameter and of the input; `infer` = forward only (torch under
+`inference_mode`). JAX functions are jitted once (compile seconds reported apart); every
+competitor is warmed up, then all of a case's competitors run in one process, one call each in
+turn for `--repeats` rounds, so a busy shared CPU slows them alike; medians are reported.
+
+FLOPs count the matmuls only: forward 2*B*T*(d_in + H)*G*H (G = 4 gates for LSTM, 3 for GRU),
+training 3x that. `frac_peak` divides the achieved FLOP/s by the peak measured in the same run with
+a 2048^3 float32 `jnp` matmul. Each line names the device and the load average (the CPU is shared).
+
+    python benchmarks/rnn_layers.py                # full table -> benchmarks/results/cpu.jsonl
+    python benchmarks/rnn_layers.py --quick        # hidden 256 only, few repeats (~2 min)
+    python benchmarks/rnn_layers.py --threads 1    # one thread for XLA and torch (less noise)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="hidden 256 only, 5 repeats")
+    p.add_argument("--layers", default="lstm,gru")
+    p.add_argument("--hidden", default="64,256,512")
+    p.add_argument("--modes", default="train,infer")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--d-in", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="0: libraries' defaults; N: XLA and torch on N threads")
+    p.add_argument("--impls", default="", help="comma list to run a subset (names as in the output)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu.jsonl"))
+    return p.parse_args()
+
+
+ARGS = _parse()
+if ARGS.threads == 1:  # must be set before jax starts its CPU client
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import flax.linen as fnn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxseq  # noqa: E402
+from jaxseq.scan import _lax_scan_cell  # noqa: E402
+
+if ARGS.threads:
+    torch.set_num_threads(ARGS.threads)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+DEVICE = f"cpu: {_cpu_name()} ({os.cpu_count()} cores), {jax.devices()[0].platform}"
+
+
+def _block(tree):
+    return jax.block_until_ready(tree)
+
+
+def measure_peak(n=2048, repeats=5):
+    """Float32 matmul GFLOP/s of one big jnp matmul (median of `repeats`)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    _block(f(a, a))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _block(f(a, a))
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+# ----------------------------------------------------------------------------- competitors
+# Each maker returns (call, compile_s): `call()` runs one step and waits for it.
+
+
+def _jax_case(apply, params, xs, w, mode):
+    """apply(params, xs) -> ys [B, T, H]; train: grads of every param and of xs."""
+    if mode == "train":
+        def loss(p, x):
+            return jnp.sum(apply(p, x) * w)
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    else:
+        fn = jax.jit(apply)
+    t = time.perf_counter()
+    compiled = fn.lower(params, xs).compile()
+    compile_s = time.perf_counter() - t
+    return (lambda: _block(compiled(params, xs))), compile_s
+
+
+def make_jaxseq(kind, hidden, xs, w, mode, fused):
+    d_in = xs.shape[-1]
+    cell = jaxseq.LSTM(d_in, hidden) if kind == "lstm" else jaxseq.GRU(d_in, hidden)
+    params = cell.init(jax.random.key(0))
+    if fused:
+        def apply(p, x):
+            return jaxseq.unroll(cell, p, x)[0]
+    else:
+        def apply(p, x):
+            b, t = x.shape[:2]
+            mask, resets = jnp.ones((b, t), bool), jnp.zeros((b, t), bool)  # what unroll passes
+            return _lax_scan_cell(cell, p, x, mask, cell.initial_carry((b,), x.dtype), resets, 1)[0]
+    return _jax_case(apply, params, xs, w, mode)
+
+
+def make_flax(cell_cls, hidden, xs, w, mode):
+    model = fnn.RNN(cell_cls(features=hidden))
+    params = model.init(jax.random.key(0), xs)
+    return _jax_case(model.apply, params, xs, w, mode)
+
+
+def make_torch(kind, hidden, xs, w, mode):
+    torch.manual_seed(0)
+    module = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(xs.shape[-1], hidden, batch_first=True)
+    x = torch.from_numpy(np.asarray(xs)).requires_grad_(mode == "train")
+    tw = torch.from_numpy(np.asarray(w))
+    if mode == "train":
+        def call():
+            for p in module.parameters():
+                p.grad = None
+            x.grad = None
+            y, _ = module(x)
+            (y * tw).sum().backward()
+    else:
+        def call():
+            with torch.inference_mode():
+                module(x)
+    return call, None
+
+
+def competitors(kind):
+    both = {"jaxseq": None, "jaxseq-scan": None}
+    flax = {"flax-optimized-lstm": fnn.OptimizedLSTMCell, "flax-lstm": fnn.LSTMCell} if kind == "lstm" else {
+        "flax-gru": fnn.GRUCell}
+    return list(both) + list(flax) + ["torch"], flax
+
+
+def run_case(kind, hidden, mode, peak):
+    b, t, d = ARGS.batch, ARGS.length, ARGS.d_in
+    xs = jax.random.normal(jax.random.key(1), (b, t, d), jnp.float32)
+    w = jax.random.normal(jax.random.key(2), (b, t, hidden), jnp.float32)
+    names, flax = competitors(kind)
+    if ARGS.impls:
+        names = [n for n in names if n in ARGS.impls.split(",")]
+    calls, compile_s = {}, {}
+    for name in names:
+        if name == "jaxseq":
+            calls[name], compile_s[name] = make_jaxseq(kind, hidden, xs, w, mode, fused=True)
+        elif name == "jaxseq-scan":
+            calls[name], compile_s[name] = make_jaxseq(kind, hidden, xs, w, mode, fused=False)
+        elif name == "torch":
+            calls[name], compile_s[name] = make_torch(kind, hidden, xs, w, mode)
+        else:
+            calls[name], compile_s[name] = make_flax(flax[name], hidden, xs, w, mode)
+    for call in calls.values():
+        for _ in range(ARGS.warmup):
+            call()
+    load_before = os.getloadavg()
+    wall = {n: [] for n in calls}
+    cpu = {n: [] for n in calls}
+    for _ in range(ARGS.repeats):
+        for name, call in calls.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            call()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    load_after = os.getloadavg()
+
+    gates = 4 if kind == "lstm" else 3
+    fwd_flops = 2 * b * t * (d + hidden) * gates * hidden
+    flops = fwd_flops * (3 if mode == "train" else 1)
+    step = {n: statistics.median(v) for n, v in wall.items()}
+    flax_best = min((step[n] for n in step if n.startswith("flax")), default=None)
+    rows = []
+    for name in calls:
+        row = {
+            "bench": "rnn_layers", "device": DEVICE, "layer": kind, "mode": mode, "impl": name,
+            "batch": b, "length": t, "d_in": d, "hidden": hidden,
+            "step_ms": round(1e3 * step[name], 3),
+            "step_ms_min": round(1e3 * min(wall[name]), 3),
+            "cpu_ms": round(1e3 * statistics.median(cpu[name]), 3),
+            "tokens_per_s": round(b * t / step[name], 1),
+            "compile_s": None if compile_s[name] is None else round(compile_s[name], 3),
+            "gflop_per_step": round(flops / 1e9, 4),
+            "gflop_per_s": round(flops / step[name] / 1e9, 2),
+            "frac_peak": round(flops / step[name] / 1e9 / peak, 4),
+            "peak_gflop_per_s": round(peak, 1),
+            "ratio_vs_torch": round(step["torch"] / step[name], 3) if "torch" in step else None,
+            "ratio_vs_best_flax": round(flax_best / step[name], 3) if flax_best else None,
+            "repeats": ARGS.repeats, "threads": ARGS.threads or "default",
+            "loadavg_1m": [round(load_before[0], 2), round(load_after[0], 2)],
+            "jax": jax.__version__, "flax": __import__("flax").__version__, "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main():
+    if ARGS.quick:
+        ARGS.hidden, ARGS.repeats, ARGS.warmup = "256", 5, 1
+    peak = measure_peak()
+    print(json.dumps({"bench": "rnn_layers", "device": DEVICE, "peak_gflop_per_s": round(peak, 1),
+                      "loadavg": os.getloadavg()}), flush=True)
+    rows = []
+    for kind in ARGS.layers.split(","):
+        for hidden in (int(h) for h in ARGS.hidden.split(",")):
+            for mode in ARGS.modes.split(","):
+                rows += run_case(kind, hidden, mode, peak)
+    out = Path(ARGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"wrote {len(rows)} lines to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
