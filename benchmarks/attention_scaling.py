@@ -50,6 +50,7 @@ def parse_args(argv=None):
     ap.add_argument("--single-thread", action="store_true", help="one core, one thread each, CPU-clock timing")
     ap.add_argument("--quick", action="store_true", help="lengths 256 and 1024, 3 rounds, write no files")
     ap.add_argument("--out", default=None, help="JSON-lines path (default results/cpu-attention[-1thread].jsonl)")
+    ap.add_argument("--replot", default=None, metavar="JSONL", help="only redraw the plot of a results file")
     args = ap.parse_args(argv)
     if args.quick:
         args.lengths, args.repeats = [256, 1024], 3
@@ -58,6 +59,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        lines = [json.loads(line) for line in open(args.replot)]
+        rows = [r for r in lines if "impl" in r]
+        plot(rows, Path(args.replot).with_suffix(".png"), rows[0]["single_thread"])
+        return
     if args.single_thread:  # must happen before jax starts its thread pools
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -186,8 +192,9 @@ def plot(rows, path, single_thread):
         xscale="log", yscale="log", xlabel="sequence length", ylabel="microseconds per token (fwd + bwd)",
         title=f"causal attention, batch {r0['batch']}, {r0['heads']} heads x {r0['head_dim']}, {where}",
     )  # fmt: skip
-    ax.set_xticks(sorted({r["length"] for r in rows}))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    lengths = sorted({r["length"] for r in rows})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

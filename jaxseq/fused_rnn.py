@@ -83,6 +83,10 @@ class _Layout:
     def unflat(self, a, steps):
         return a.reshape(a.shape[0], steps, -1) if self.fm else a.reshape(-1, steps, a.shape[-1])
 
+    def step_out(self, a):
+        """A step slice as a batch-major [B, F] row block (the layout of ys and dys), and back."""
+        return a.T if self.fm else a
+
     # step slices
     def width(self, a):
         return a.shape[0] if self.fm else a.shape[-1]
@@ -311,7 +315,9 @@ def _forward(cell, L, params, xs, mask, resets, carry0, unroll, save):
         shape = (hid, steps, xs.shape[0]) if L.fm else (xs.shape[0], steps, hid)
         return jnp.zeros(shape, dtype)
 
-    ys = empty()
+    # ys stays batch-major in both layouts: a small per-step transpose beats a [B, T, H]
+    # transpose after the loop (another big temporary; measured).
+    ys = jnp.zeros((xs.shape[0], steps, hid), dtype)
     bufs = (xp,) + tuple(empty() for _ in range(cell.extra_bufs))
     saves = tuple(empty() for _ in jax.tree.leaves(carry0))
 
@@ -320,7 +326,7 @@ def _forward(cell, L, params, xs, mask, resets, carry0, unroll, save):
         m, r = L.flag(mask, t), L.flag(resets, t)
         carry = _select(r, carry0, carry)
         new, acts, step_saves = cell.fwd(L, w, carry, xp_t + bias)
-        ys = _put(ys, jnp.where(m, _h(new), 0.0), t)
+        ys = _put(ys, L.step_out(jnp.where(m, _h(new), 0.0)), t)
         bufs = tuple(_put(b, a, t) for b, a in zip(bufs, acts))
         saves = tuple(_put(s, v, t) for s, v in zip(saves, step_saves))
         # Read step t+1's projection after writing step t (see _backward on why).
@@ -328,7 +334,7 @@ def _forward(cell, L, params, xs, mask, resets, carry0, unroll, save):
 
     state = (carry0, bufs, saves, ys, _at(xp, 0))
     carry, bufs, saves, ys, _ = lax.fori_loop(0, steps, body, state, unroll=unroll)
-    return (L.to_buf(ys), L.carry(carry)), (x2, bufs, saves, carry0)
+    return (ys, L.carry(carry)), (x2, bufs, saves, carry0)
 
 
 def _forward_inference(cell, L, params, w, xs, mask, resets, carry0, unroll):
@@ -351,7 +357,6 @@ def _backward(cell, L, params, mask, resets, residuals, dys, dcarry, unroll):
     """The reverse loop and the after-the-loop matmuls. Returns (dparams, dxs, dcarry0)."""
     x2, bufs, saves, carry0 = residuals
     steps = mask.shape[1]
-    dys = L.to_buf(dys)
     dcarry = L.carry(dcarry)
     w_hh = L.prep(params["w_hh"], transposed=True)  # made contiguous once, outside the loop
 
@@ -360,7 +365,7 @@ def _backward(cell, L, params, mask, resets, residuals, dys, dcarry, unroll):
         d, d0, bufs, acts = state
         m, r = L.flag(mask, t), L.flag(resets, t)
         d_new = jax.tree.map(lambda a: jnp.where(m, a, 0.0), d)
-        dy = jnp.where(m, _at(dys, t), 0.0)
+        dy = jnp.where(m, L.step_out(_at(dys, t)), 0.0)
         d_new = (d_new[0] + dy,) + d_new[1:] if isinstance(d_new, tuple) else d_new + dy
         cts, d_prev = cell.bwd(L, w_hh, acts, tuple(_at(s, t) for s in saves), d_new)
         # A masked step passed the carry through unchanged; a reset step took carry0.
