@@ -47,6 +47,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxseq import fingerprints as fp
 from jaxseq.config import TrainConfig, architecture, architecture_hash, from_dict, to_dict
@@ -140,12 +141,15 @@ class CheckpointManager:
         self._in_flight = None  # the step whose async save has not been waited for yet
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for step, why in _unusable_steps(self.directory):
+            # One process renames (the others would race it on a shared directory); all wait for it.
+            for step, why in _unusable_steps(self.directory) if jax.process_index() == 0 else ():
                 dest = self._set_aside(step, why)
                 what = "was never committed (empty or half written)" if why == "uncommitted" else \
                     "has no complete jaxseq metadata (config, data position, fingerprints)"
                 warnings.warn(f"checkpoint step {step} in {self.directory} {what}; ignored and moved to "
                               f"{dest.name}.", stacklevel=2)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"jaxseq set-aside {self.directory}")
         elif not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints in {self.run_dir}: {self.directory} does not exist; "
                                   f"is this a run directory written by `jaxseq train`?")

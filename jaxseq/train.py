@@ -348,7 +348,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
                     )
                 t_pause = time.perf_counter()
                 if step % config.eval_every == 0 and step < config.steps:
-                    val, last_eval = _log_eval(metrics_path, step, evaluate(eval_step, state.params, val_batches)), step
+                    val, last_eval = _log_eval(metrics_path, step, evaluate(eval_step, state.params, val_batches), time.perf_counter() - t_start), step
                 if step % config.checkpoint_every == 0:
                     ckpt.save(step, state, data_position=step)
                     last_saved = step
@@ -362,7 +362,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
             bar.close()
         tokens_per_s = _rate(tokens, t_first, paused) if tokens else None  # not counting the final eval and save
         if stop.signum is None and last_eval != step:
-            val = _log_eval(metrics_path, step, evaluate(eval_step, state.params, val_batches))
+            val = _log_eval(metrics_path, step, evaluate(eval_step, state.params, val_batches), time.perf_counter() - t_start)
         if last_saved != step:
             ckpt.save(step, state, data_position=step)
         ckpt.wait_until_finished()
@@ -398,7 +398,8 @@ def _fit_count_model(config, model, data, val_batches, ckpt, resuming, t_start) 
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         ckpt.save(0, state, data_position=0)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    val = _log_eval(run_dir / "metrics.jsonl", 0, evaluate(make_eval_step(model), state.params, val_batches))
+    val = _log_eval(run_dir / "metrics.jsonl", 0, evaluate(make_eval_step(model), state.params, val_batches),
+                    time.perf_counter() - t_start)
     ckpt.wait_until_finished()
     return {"steps": 0, "train_loss": None, "val_loss": val["loss"], "val_bits": val["bits"],
             "wall_s": time.perf_counter() - t_start, "tokens_per_s": None, "stopped": None, "run_dir": str(run_dir)}
@@ -454,8 +455,10 @@ def _check_loop_config(config: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}.")
 
 
-def _log_eval(path: Path, step: int, result: dict) -> dict:
-    _append(path, {"step": step, "split": "val", "loss": result["loss"], "bits": result["bits"]})
+def _log_eval(path: Path, step: int, result: dict, wall_s: float) -> dict:
+    """Log a validation result; wall_s: seconds since this process started the run (restarts on resume)."""
+    _append(path, {"step": step, "split": "val", "loss": result["loss"], "bits": result["bits"],
+                   "wall_s": round(wall_s, 2)})
     return result
 
 
@@ -467,9 +470,17 @@ def _append(path: Path, record: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines logged up to `step`; a killed run may also have left a torn last line, dropped here."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", step + 1) <= step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _rate(tokens: float, since: float | None, paused: float = 0.0) -> float:

@@ -170,6 +170,7 @@ def signal_when_committed(targets: list[tuple[subprocess.Popen, Path, int]], min
 
 def metrics(run_dir: Path) -> tuple[dict, dict]:
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [{k: v for k, v in r.items() if k != "wall_s"} for r in lines]  # the one field that may differ
     return ({r["step"]: r for r in lines if r["split"] == "train"}, {r["step"]: r for r in lines if r["split"] == "val"})
 
 

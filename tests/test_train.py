@@ -251,6 +251,21 @@ def test_resume_continues_bit_for_bit(tmp_path, uninterrupted):
     assert resumed["val_loss"] == full["val_loss"]
 
 
+def test_resume_drops_the_lost_runs_lines_and_a_torn_last_line(tmp_path, uninterrupted):
+    """A run killed after its step-4 checkpoint logged steps 5-6 and half a line: resume replaces them."""
+    data, model, full_dir, _ = uninterrupted
+    train(tiny_config(tmp_path, "torn", optim=RESUME_OPTIM, steps=4), model=model, data=data)
+    metrics = tmp_path / "torn" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "split": "train", "loss": 123.0}\n{"step": 6, "split": "train", "loss": 1')
+    train(tiny_config(tmp_path, "torn", optim=RESUME_OPTIM, resume=True), model=model, data=data)
+    lines = [json.loads(ln) for ln in metrics.read_text().splitlines()]  # every line parses again
+    steps = [r["step"] for r in lines if r["split"] == "train"]
+    assert steps == list(range(1, 9))
+    a = read_metrics(full_dir)
+    assert all(a[r["step"]]["loss"] == r["loss"] for r in lines if r["split"] == "train")
+
+
 def test_sigterm_saves_exits_143_and_resumes_bit_for_bit(tmp_path, monkeypatch, uninterrupted):
     data, model, full_dir, full = uninterrupted
     optim = RESUME_OPTIM
