@@ -170,10 +170,11 @@ class Stack:
     def __post_init__(self):
         if not self.cells:
             raise ConfigError("Stack needs at least one cell.")
-        for below, above in zip(self.cells, self.cells[1:]):
+        for i, (below, above) in enumerate(zip(self.cells, self.cells[1:])):
             if below.d_out != above.d_in:
                 raise ConfigError(
-                    f"Stack: layer output width {below.d_out} does not match the next layer's d_in={above.d_in}."
+                    f"Stack: layer {i} ({type(below).__name__}) outputs width {below.d_out} but layer {i + 1} "
+                    f"({type(above).__name__}) has d_in={above.d_in}; build layer {i + 1} with d_in={below.d_out}."
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"Stack.dropout must be in [0, 1), got {self.dropout}.")

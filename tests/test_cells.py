@@ -437,8 +437,8 @@ def test_stack_dropout_zero_and_last_layer_never_drop():
 
 
 def test_error_messages_name_the_field():
-    with pytest.raises(ConfigError, match="width 7 .*d_in=8"):
-        Stack((LSTM(D_IN, H), LSTM(H + 1, H)))
+    with pytest.raises(ConfigError, match="layer 1 .*width 7 but layer 2 .*d_in=8; build layer 2 with d_in=7"):
+        Stack((LSTM(D_IN, H), LSTM(H, H), LSTM(H + 1, H)))
     with pytest.raises(ConfigError, match="nonlinearity"):
         Elman(D_IN, H, nonlinearity="sigmoid")
     with pytest.raises(ConfigError, match="d_hidden"):

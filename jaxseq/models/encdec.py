@@ -27,9 +27,7 @@ from jaxseq.attention import KVCache, attention, check_cache_room
 from jaxseq.checks import check_mask, check_tokens
 from jaxseq.errors import ConfigError, ShapeError
 from jaxseq.models.transformer import (
-    MLP,
     Block,
-    SelfAttention,
     add_positions,
     check_heads,
     check_positional,
@@ -72,36 +70,19 @@ class CrossAttention(nn.Module):
         return dense(self.c_proj, y.reshape(B, T, self.d_model))
 
 
-class DecoderBlock(nn.Module):
-    """x + SelfAttn(LN(x)) (causal), x + CrossAttn(LN(x), memory), x + MLP(LN(x))."""
-
-    d_model: int
-    num_heads: int
-    d_ff: int
-    num_kv_heads: int | None = None
-    dropout: float = 0.0
-    rope: bool = False
-    rope_base: float = 10000.0
-    layer_norm_eps: float = 1e-5
-    gelu_approximate: bool = True
-    out_init_scale: float = 1.0
-    implementation: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+class DecoderBlock(Block):
+    """A causal `Block` with cross-attention between its two halves:
+    x + SelfAttn(LN(x)), x + CrossAttn(LN(x), memory), x + MLP(LN(x))."""
 
     def setup(self):
+        if not self.causal:
+            raise ConfigError("a DecoderBlock's self-attention is causal; leave causal=True.")
+        super().setup()
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        heads = (self.d_model, self.num_heads, self.num_kv_heads)
-        self.ln_1 = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
-        self.attn = SelfAttention(
-            *heads, causal=True, rope=self.rope, rope_base=self.rope_base, out_init_scale=self.out_init_scale,
-            implementation=self.implementation, **kw,
+        self.ln_cross = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.cross = CrossAttention(
+            self.d_model, self.num_heads, self.num_kv_heads, self.out_init_scale, self.implementation, **kw
         )
-        self.ln_2 = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
-        self.cross = CrossAttention(*heads, self.out_init_scale, self.implementation, **kw)
-        self.ln_3 = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
-        self.mlp = MLP(self.d_model, self.d_ff, self.gelu_approximate, self.out_init_scale, **kw)
-        self.drop = nn.Dropout(self.dropout)
 
     def memory_kv(self, memory):
         return self.cross.memory_kv(memory)
@@ -110,8 +91,8 @@ class DecoderBlock(nn.Module):
                  deterministic: bool = True):
         h, cache = self.attn(self.ln_1(x), positions, tgt_mask, cache, lengths)
         x = x + self.drop(h, deterministic=deterministic)
-        x = x + self.drop(self.cross(self.ln_2(x), mem_k, mem_v, src_mask), deterministic=deterministic)
-        x = x + self.drop(self.mlp(self.ln_3(x)), deterministic=deterministic)
+        x = x + self.drop(self.cross(self.ln_cross(x), mem_k, mem_v, src_mask), deterministic=deterministic)
+        x = x + self.drop(self.mlp(self.ln_2(x)), deterministic=deterministic)
         return x, cache
 
 
