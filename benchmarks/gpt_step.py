@@ -4,18 +4,21 @@ nanoGPT's char-level Shakespeare config shrunk to CPU size (4 layers, 4 heads, d
 context 64, batch 12, vocab 65, no dropout, tied embeddings, learned positions, tanh GELU). One step =
 forward, cross-entropy, backward, AdamW update, on random tokens (speed does not depend on the data).
 
-  * jaxseq:      TransformerLM.from_config(...); one `jax.jit` of loss + grad + optax.adamw, params and
-                 optimizer state donated.
-  * torch-eager: nanoGPT's model (F.scaled_dot_product_attention, is_causal=True) + torch.optim.AdamW,
-                 eager, torch.set_num_threads(--torch-threads, default os.cpu_count()).
+  * jaxseq:       `jaxseq.train.make_train_step(lm_loss_fn(model), adamw)` jitted with the state
+                  donated: the step `jaxseq train` runs (padding mask, non-finite guard, grad norm).
+  * flax-plain:   the same TransformerLM in a hand-written jit of loss + grad + optax.adamw (no mask,
+                  no metrics): what the step costs without jaxseq's bookkeeping.
+  * torch-eager:  nanoGPT's model (F.scaled_dot_product_attention, is_causal=True) + torch.optim.AdamW,
+                  eager, torch.set_num_threads(--torch-threads, default os.cpu_count()).
 
-Both run in one process, after warm-up, interleaved (one step of each in turn, `--repeats` rounds), so
-a busy shared CPU slows them alike. Prints JSON lines: one per implementation (compile/first-step
-seconds separately from the median step ms, tokens/s, achieved GFLOP/s with nanoGPT's FLOP count),
-then one with the ratio jaxseq / torch.
+All run in one process, after warm-up, interleaved (one step of each in turn, `--repeats` rounds), so
+a busy shared CPU slows them alike. Prints one JSON line per implementation: first-call seconds
+(compile for JAX) apart from the median step ms, tokens/s, GFLOP/s with nanoGPT's FLOP count, `mfu`
+(that over the device's measured matmul peak, `_common.measure_peak`) and the speed-up over torch.
 
-    python benchmarks/gpt_step.py                 # defaults above
-    python benchmarks/gpt_step.py --repeats 20 --batch 32 --context 128
+    python benchmarks/gpt_step.py                 # nanoGPT's small CPU config
+    python benchmarks/gpt_step.py --d-model 256 --context 256 --batch 16 \
+        --out benchmarks/results/cpu-gpt-step.jsonl    # the Transformer issue's comparison size
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxseq.config import TransformerConfig  # noqa: E402
+from jaxseq.losses import lm_loss_fn  # noqa: E402
 from jaxseq.models.transformer import TransformerLM  # noqa: E402
+from jaxseq.train import init_train_state, make_train_step  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, measure_peak  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- torch nanoGPT
@@ -96,6 +104,8 @@ class NanoGPT(tnn.Module):
 
 
 def make_jax_step(model, optimizer):
+    """The plain jitted Flax + optax step (no mask, no metrics): what a user would write by hand."""
+
     def loss_fn(params, x, y):
         logits = model.apply(params, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -106,6 +116,18 @@ def make_jax_step(model, optimizer):
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_jaxseq_step(model, optimizer):
+    """jaxseq's own train step (`jaxseq.train.make_train_step` + `lm_loss_fn`), as `jaxseq train` runs it:
+    padding mask, non-finite guard, grad norm and metrics included."""
+    step = jax.jit(make_train_step(lm_loss_fn(model), optimizer), donate_argnums=0)
+
+    def call(state, x, y):
+        state, metrics = step(state, {"inputs": x, "targets": y, "mask": jnp.ones(x.shape, bool)})
+        return state, metrics["loss"]
+
+    return call
 
 
 def flops_per_step(n_params_no_pos: int, layers: int, d: int, ctx: int, batch: int) -> float:
@@ -125,10 +147,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     # On a shared, oversubscribed CPU torch's OpenMP threads spin-wait; 1 thread is then fairer.
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default="", help="append the JSON lines to this file as well")
     args = ap.parse_args()
     L, H, D, T, B, V = args.layers, args.heads, args.d_model, args.context, args.batch, args.vocab
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
+    peak = measure_peak()
 
     cfg = TransformerConfig(num_layers=L, num_heads=H, d_model=D, d_ff=4 * D, max_len=T, dropout=0.0)
     model = TransformerLM.from_config(cfg, vocab_size=V)
@@ -136,67 +160,77 @@ def main():
     batches = [rng.integers(0, V, (B, T + 1)) for _ in range(4)]
     jx = [(jnp.asarray(b[:, :-1], jnp.int32), jnp.asarray(b[:, 1:], jnp.int32)) for b in batches]
     tx = [(torch.from_numpy(b[:, :-1].copy()).long(), torch.from_numpy(b[:, 1:].copy()).long()) for b in batches]
-
-    params = jax.jit(model.init)(jax.random.key(0), jx[0][0])
     optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.0)
-    opt_state = optimizer.init(params)
-    jstep = make_jax_step(model, optimizer)
-    t0 = time.perf_counter()
-    params, opt_state, jloss = jstep(params, opt_state, *jx[0])
-    jloss.block_until_ready()
-    jax_compile_s = time.perf_counter() - t0
+
+    # Each competitor is a closure over its own state: step(i) runs one training step on batch i % 4
+    # and returns the loss (already waited for).
+    params = jax.jit(model.init)(jax.random.key(0), jx[0][0])["params"]
+    n_params = sum(x.size for x in jax.tree.leaves(params)) - T * D  # nanoGPT leaves positions out
+    jaxseq_step = make_jaxseq_step(model, optimizer)
+    plain_step = make_jax_step(model, optimizer)
+    box = {"jaxseq": init_train_state(params, optimizer),
+           "flax-plain": ({"params": jax.tree.map(jnp.copy, params)}, None)}
+    box["flax-plain"] = (box["flax-plain"][0], optimizer.init(box["flax-plain"][0]))
+
+    def run_jaxseq(i):
+        box["jaxseq"], loss = jaxseq_step(box["jaxseq"], *jx[i % 4])
+        return float(loss)
+
+    def run_plain(i):
+        p, o = box["flax-plain"]
+        p, o, loss = plain_step(p, o, *jx[i % 4])
+        box["flax-plain"] = (p, o)
+        return float(loss)
 
     net = NanoGPT(V, T, L, D, H, 4 * D)
     topt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    n_torch = sum(p.numel() for p in net.parameters()) - T * D
+    assert n_params == n_torch, (n_params, n_torch)
 
-    def tstep(x, y):
-        loss = net(x, y)
+    def run_torch(i):
+        loss = net(*tx[i % 4])
         topt.zero_grad(set_to_none=True)
         loss.backward()
         topt.step()
-        return loss
+        return loss.item()
 
-    t0 = time.perf_counter()
-    tloss = tstep(*tx[0])
-    torch_first_s = time.perf_counter() - t0
-
-    n_params = sum(x.size for x in jax.tree.leaves(params)) - T * D  # nanoGPT leaves positions out
-    n_torch = sum(p.numel() for p in net.parameters()) - T * D
-    assert n_params == n_torch, (n_params, n_torch)
+    runners = {"jaxseq": run_jaxseq, "flax-plain": run_plain, "torch-eager": run_torch}
+    first, losses = {}, {}
+    for name, run in runners.items():  # first call = compile (JAX) / first-step allocation (torch)
+        t0 = time.perf_counter()
+        run(0)
+        first[name] = time.perf_counter() - t0
     for i in range(args.warmup):
-        params, opt_state, jloss = jstep(params, opt_state, *jx[i % 4])
-        jloss.block_until_ready()
-        tstep(*tx[i % 4])
-
-    times = {"jaxseq": [], "torch-eager": []}
-    for i in range(args.repeats):
-        t0 = time.perf_counter()
-        params, opt_state, jloss = jstep(params, opt_state, *jx[i % 4])
-        jloss.block_until_ready()
-        times["jaxseq"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        tloss = tstep(*tx[i % 4])
-        times["torch-eager"].append(time.perf_counter() - t0)
+        for run in runners.values():
+            run(i)
+    times = {name: [] for name in runners}
+    for i in range(args.repeats):  # interleaved: a busy shared CPU slows all competitors alike
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            losses[name] = run(i)
+            times[name].append(time.perf_counter() - t0)
 
     flops = flops_per_step(n_params, L, D, T, B)
     config = dict(layers=L, heads=H, d_model=D, d_ff=4 * D, context=T, batch=B, vocab=V, params=n_params)
-    common = dict(config=config, repeats=args.repeats, load=[round(x, 2) for x in os.getloadavg()],
-                  torch_threads=args.torch_threads, jax=jax.__version__, torch=torch.__version__, device=jax.devices()[0].device_kind)
-    rows = {}
-    for name, ts, first, loss in (
-        ("jaxseq", times["jaxseq"], jax_compile_s, float(jloss)),
-        ("torch-eager", times["torch-eager"], torch_first_s, tloss.item()),
-    ):
-        med = statistics.median(ts)
-        rows[name] = med
-        print(json.dumps(dict(
-            impl=name, compile_or_first_step_s=round(first, 3), step_ms=round(1e3 * med, 3),
+    common = dict(bench="gpt_step", config=config, repeats=args.repeats, load=[round(x, 2) for x in os.getloadavg()],
+                  torch_threads=args.torch_threads, jax=jax.__version__, torch=torch.__version__,
+                  device=device_name(), peak_gflop_per_s=round(peak, 1))
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    lines = []
+    for name, ts in times.items():
+        med = medians[name]
+        lines.append(dict(
+            impl=name, compile_or_first_step_s=round(first[name], 3), step_ms=round(1e3 * med, 3),
             step_ms_iqr=[round(1e3 * q, 3) for q in statistics.quantiles(ts, n=4)[::2]],
             tokens_per_s=round(B * T / med, 1), gflops_per_s=round(flops / med / 1e9, 2),
-            final_loss=round(loss, 4), **common,
-        )))
-    print(json.dumps(dict(ratio="jaxseq/torch-eager tokens/s", value=round(rows["torch-eager"] / rows["jaxseq"], 3),
-                          uniform_loss=round(math.log(V), 4), **common)))
+            mfu=round(flops / med / 1e9 / peak, 4), speedup_vs_torch=round(medians["torch-eager"] / med, 3),
+            final_loss=round(losses[name], 4), uniform_loss=round(math.log(V), 4), **common,
+        ))
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 if __name__ == "__main__":

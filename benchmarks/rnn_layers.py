@@ -17,8 +17,9 @@ competitor is warmed up, then all of a case's competitors run in one process, on
 turn for `--repeats` rounds, so a busy shared CPU slows them alike; medians are reported.
 
 FLOPs count the matmuls only: forward 2*B*T*(d_in + H)*G*H (G = 4 gates for LSTM, 3 for GRU),
-training 3x that. `frac_peak` divides the achieved FLOP/s by the peak measured in the same run with
-a 2048^3 float32 `jnp` matmul. Each line names the device and the load average (the CPU is shared).
+training 3x that. `frac_peak` divides the achieved FLOP/s by the peak measured in the same run: the
+fastest float32 matmul of jnp and torch at 1024^2 and 2048^2 (`_common.measure_peak`). Each line
+names the device and the load average (the CPU is shared).
 
     python benchmarks/rnn_layers.py                # full table -> benchmarks/results/cpu.jsonl
     python benchmarks/rnn_layers.py --quick        # hidden 256 only, few repeats (~2 min)
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -68,38 +68,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxseq  # noqa: E402
 from jaxseq.scan import _lax_scan_cell  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, measure_peak  # noqa: E402
+
 if ARGS.threads:
     torch.set_num_threads(ARGS.threads)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-DEVICE = f"cpu: {_cpu_name()} ({os.cpu_count()} cores), {jax.devices()[0].platform}"
+DEVICE = device_name()
 
 
 def _block(tree):
     return jax.block_until_ready(tree)
-
-
-def measure_peak(n=2048, repeats=5):
-    """Float32 matmul GFLOP/s of one big jnp matmul (median of `repeats`)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    _block(f(a, a))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _block(f(a, a))
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 # ----------------------------------------------------------------------------- competitors
