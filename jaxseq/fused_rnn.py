@@ -174,6 +174,9 @@ def _h(carry):
 
 class _LSTM:
     extra_bufs = 0  # in-place buffers besides the projection
+    # Inference at small hidden: project all steps before the loop (measured at hidden 64: 1.3x faster
+    # than projecting inside the loop; the GRU measured 2.4x slower that way, so it keeps the loop form).
+    hoist_inference = True
 
     @staticmethod
     def x_bias(params):
@@ -215,6 +218,7 @@ class _LSTM:
 
 class _GRU:
     extra_bufs = 1  # hn = h W_hn + b_hn, later its cotangent
+    hoist_inference = False
 
     @staticmethod
     def x_bias(params):
@@ -257,6 +261,7 @@ class _GRU:
 def _elman(nonlinearity):
     class _Elman:
         extra_bufs = 0
+        hoist_inference = False  # not measured: the loop form, as before
 
         @staticmethod
         def x_bias(params):
@@ -338,14 +343,21 @@ def _forward(cell, L, params, xs, mask, resets, carry0, unroll, save):
 
 
 def _forward_inference(cell, L, params, w, xs, mask, resets, carry0, unroll):
-    """Forward only: the input projection inside the loop, nothing saved."""
-    x_buf = L.to_buf(xs)
-    w_ih, bias = L.prep(params["w_ih"], transposed=False), L.vec(cell.x_bias(params))
+    """Forward only, nothing saved: the input projection inside the loop, or (`cell.hoist_inference`,
+    batch-major layout) one projection matmul for all steps before it."""
+    steps = xs.shape[1]
+    bias = L.vec(cell.x_bias(params))
+    if L.fm or not cell.hoist_inference:
+        x_buf, w_ih = L.to_buf(xs), L.prep(params["w_ih"], transposed=False)
+        project = lambda t: L.apply(w_ih, _at(x_buf, t))  # noqa: E731
+    else:
+        xp = L.unflat(L.project(L.flat(L.to_buf(xs)), params["w_ih"]), steps)
+        project = lambda t: _at(xp, t)  # noqa: E731
 
     def body(carry, t):
         m, r = L.flag(mask, t), L.flag(resets, t)
         carry = _select(r, carry0, carry)
-        new, _, _ = cell.fwd(L, w, carry, L.apply(w_ih, _at(x_buf, t)) + bias)
+        new, _, _ = cell.fwd(L, w, carry, project(t) + bias)
         return _select(m, new, carry), jnp.where(m, _h(new), 0.0)
 
     carry, ys = lax.scan(body, carry0, jnp.arange(xs.shape[1]), unroll=unroll)  # ys: [T, ...step slice]
