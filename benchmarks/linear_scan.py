@@ -24,46 +24,25 @@ that a shared machine's noise falls on all of them alike. XLA's temporary-buffer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import statistics
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxseq.cells import LSTM
 from jaxseq.linear_cells import LRU, MinGRU, MinLSTM
-from jaxseq.scan import unroll
-
-
-@dataclasses.dataclass(frozen=True)
-class Sequential:
-    """A cell without `sequence_unroll`: unroll falls back to the lax.scan of `step`."""
-
-    cell: Any
-
-    d_in = property(lambda self: self.cell.d_in)
-    d_out = property(lambda self: self.cell.d_out)
-
-    def init(self, key):
-        return self.cell.init(key)
-
-    def initial_carry(self, batch_shape=(), dtype=None):
-        return self.cell.initial_carry(batch_shape, dtype)
-
-    def step(self, params, carry, x):
-        return self.cell.step(params, carry, x)
+from jaxseq.scan import StepOnly, unroll
 
 
 def configs(hidden: int):
     linear = {"mingru": MinGRU(hidden, hidden), "minlstm": MinLSTM(hidden, hidden), "lru": LRU(hidden, hidden)}
     for name, cell in linear.items():
         yield name, "parallel", cell
-        yield name, "sequential", Sequential(cell)
+        yield name, "sequential", StepOnly(cell)
     yield "lstm", "sequential", LSTM(hidden, hidden)
 
 

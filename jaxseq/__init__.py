@@ -24,7 +24,7 @@ from jaxseq.models.encdec import TransformerSeq2Seq
 from jaxseq.models.ngram import NGramLM
 from jaxseq.models.rnn_lm import RecurrentLM
 from jaxseq.models.transformer import TransformerLM
-from jaxseq.scan import unroll
+from jaxseq.scan import StepOnly, unroll
 from jaxseq.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch, state_shardings
 from jaxseq.train import (
     ShardedStep,

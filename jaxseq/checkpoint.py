@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sys
 import threading
 import time
@@ -116,6 +117,20 @@ class _MetaSave(ocp.args.JsonSave):
 @ocp.args.register_with_handler(_MetaHandler, for_restore=True)
 class _MetaRestore(ocp.args.JsonRestore):
     pass
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """Orbax logs warnings every time a manager is opened read-only, which `jaxseq sample` and `jaxseq eval`
+    do on purpose (a run may still be training); they say nothing the user can act on."""
+
+    NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True, setting")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
 
 
 class CheckpointManager:

@@ -20,6 +20,9 @@ Semantics (shared by every model, so masking, resets and reversal mean one thing
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -46,6 +49,27 @@ def _scan_cell(cell, params, xs, mask, carry0, resets, unroll):
     if hasattr(cell, "sequence_unroll"):
         return cell.sequence_unroll(params, xs, mask, carry0, resets, unroll)
     return _lax_scan_cell(cell, params, xs, mask, carry0, resets, unroll)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOnly:
+    """`cell` seen only through the Cell protocol, without its `sequence_unroll`: `unroll(StepOnly(cell), ...)`
+    runs the reference `lax.scan` of `step`, the path every user-defined cell takes. Use it to check a
+    cell's fast whole-sequence form (fused, parallel scan) against its step-by-step definition."""
+
+    cell: Any
+
+    d_in = property(lambda self: self.cell.d_in)
+    d_out = property(lambda self: self.cell.d_out)
+
+    def init(self, key):
+        return self.cell.init(key)
+
+    def initial_carry(self, batch_shape=(), dtype=None):
+        return self.cell.initial_carry(batch_shape, dtype)
+
+    def step(self, params, carry, x):
+        return self.cell.step(params, carry, x)
 
 
 def _lax_scan_cell(cell, params, xs, mask, carry0, resets, unroll):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -141,6 +142,7 @@ def test_corrupt_newest_step_falls_back_to_the_previous_one(tmp_path):
     assert (tmp_path / "checkpoints" / "2.corrupt").is_dir()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax internals, after the failed read
 def test_read_only_fallback_leaves_files_alone(tmp_path):
     states = save_steps(tmp_path, [1, 2])
     corrupt(tmp_path / "checkpoints" / "2")
@@ -149,6 +151,15 @@ def test_read_only_fallback_leaves_files_alone(tmp_path):
             state, _ = ckpt.restore(template())
     assert same_bits(state, states[1])
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+
+
+def test_read_only_open_logs_no_orbax_notices(tmp_path, caplog):
+    """`jaxseq sample` / `eval` open runs read-only on purpose; Orbax's notices about it are dropped."""
+    save_steps(tmp_path, [1])
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, config=CONFIG, read_only=True) as ckpt:
+        assert ckpt.latest_step() == 1
+    notices = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
+    assert not [r.getMessage() for r in caplog.records if any(n in r.getMessage() for n in notices)]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax internals, after the failed read

@@ -3,10 +3,8 @@ against float64 NumPy loops of the papers' recurrences, and on a small learning 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ from jaxseq.errors import ConfigError, ShapeError
 from jaxseq.linear_cells import LRU, MinGRU, MinLSTM, make_linear_cell
 from jaxseq.models import build_model
 from jaxseq.models.rnn_lm import RecurrentLM
+from jaxseq.scan import StepOnly
 from jaxseq.scan import unroll as _unroll
 
 # Jitted: one XLA compile per test is far cheaper than running the associative scan op by op.
@@ -31,25 +30,6 @@ CELLS = {
     "minlstm": MinLSTM(D_IN, H),
     "lru": LRU(D_IN, H),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Sequential:
-    """The same cell without `sequence_unroll`, so `unroll` runs its `lax.scan` of `step`."""
-
-    cell: Any
-
-    d_in = property(lambda self: self.cell.d_in)
-    d_out = property(lambda self: self.cell.d_out)
-
-    def init(self, key):
-        return self.cell.init(key)
-
-    def initial_carry(self, batch_shape=(), dtype=None):
-        return self.cell.initial_carry(batch_shape, dtype)
-
-    def step(self, params, carry, x):
-        return self.cell.step(params, carry, x)
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,7 +97,7 @@ def test_parallel_matches_sequential_with_gradients(name, reverse):
     w_c = jax.tree.map(lambda c: jnp.asarray(rng.randn(*c.shape), jnp.float32), carry)
     args = (params, xs, carry, mask, resets, w_y, w_c)
     (ys, c), grads = _outputs_and_grads(cell, *args, reverse=reverse)
-    (ys_ref, c_ref), grads_ref = _outputs_and_grads(Sequential(cell), *args, reverse=reverse)
+    (ys_ref, c_ref), grads_ref = _outputs_and_grads(StepOnly(cell), *args, reverse=reverse)
     assert ys.shape == (4, 9, cell.d_out)
     _assert_tree_close((ys, c), (ys_ref, c_ref))
     _assert_tree_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
@@ -236,7 +216,7 @@ def test_long_sequence_finite_and_agrees(name):
     xs = xs * 4.0
     ys, _ = unroll(cell, params, xs, mask=mask, carry=carry)
     assert np.all(np.isfinite(np.asarray(ys)))
-    ys_ref, _ = unroll(Sequential(cell), params, xs, mask=mask, carry=carry)
+    ys_ref, _ = unroll(StepOnly(cell), params, xs, mask=mask, carry=carry)
     np.testing.assert_allclose(np.asarray(ys), np.asarray(ys_ref), rtol=1e-4, atol=1e-4)
 
 

@@ -4,8 +4,6 @@ The reference for each property is the plain thing it must equal: a row run alon
 unpadded, segments run separately, a flipped row run forwards, PyTorch's packed sequences.
 """
 
-import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,7 @@ import pytest
 
 from jaxseq.cells import GRU, LSTM, Bidirectional, Elman, Stack
 from jaxseq.errors import ShapeError
-from jaxseq.scan import unroll
+from jaxseq.scan import StepOnly, unroll
 
 # unroll jitted once per (cell, shapes): eager unroll would recompile its scan on every call
 _unroll = jax.jit(unroll, static_argnames=("cell", "reverse", "unroll"))
@@ -273,26 +271,6 @@ def test_bidirectional_matches_torch_packed_sequences():
 
 
 # --- the generic path ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOnly:
-    """A cell seen only through `step` (no `sequence_unroll`): `unroll` takes its generic
-    `lax.scan` path, the one every user-defined cell gets."""
-
-    inner: Any
-
-    d_in = property(lambda self: self.inner.d_in)
-    d_out = property(lambda self: self.inner.d_out)
-
-    def init(self, key):
-        return self.inner.init(key)
-
-    def initial_carry(self, batch_shape=(), dtype=None):
-        return self.inner.initial_carry(batch_shape, dtype)
-
-    def step(self, params, carry, x):
-        return self.inner.step(params, carry, x)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
