@@ -14,13 +14,13 @@ The device count is fixed when JAX starts, so each count runs in its own subproc
 --steps timed steps (after 2 warm-up steps, each blocked on), tokens/s = batch * seq_len / step, the
 process's peak RSS, and the load average around it (the CPU is shared).
 
-Measured (results/cpu-sharding.jsonl, jax 0.10.2, 2 shared cores at load average 14-19, so absolute
-numbers are ~10x below an idle machine; ratios within a row group are what to read): LSTM 1 device
-2.4k tokens/s, bfloat16 compute 0.44k (XLA:CPU has no fast bf16 matmul: use it on GPU/TPU); 8 devices
-DP 0.39k, FSDP 1.7k. Under DP each fake device runs the recurrence on 4 rows, a [4, 512] @ [512, 2048]
-matmul per step, 8 at once on 2 cores; under FSDP XLA partitions the loop along the gate axis instead
-(all-to-alls, [32, 512] @ [512, 256] per device and step), which suits this CPU better. Transformer:
-1.4k (1 device), 1.1k bf16, 1.7k DP-8, 1.1k FSDP-8. Losses agree across all rows.
+Measured (results/cpu-sharding.jsonl, jax 0.10.2, 2 cores, quiet machine, 2026-11-23), tokens/s:
+LSTM 1 device 13.0k, bfloat16 compute 2.1k (XLA:CPU has no fast bf16 matmul: use it on GPU/TPU);
+8 devices DP 2.4k, FSDP 6.9k. Under DP each fake device runs the recurrence on 4 rows, a
+[4, 512] @ [512, 2048] matmul per step, 8 at once on 2 cores; under FSDP XLA partitions the loop along
+the gate axis instead, which suits this CPU better. Transformer: 8.4k (1 device), 7.2k bf16, 10.4k DP-8
+(eight small per-device programs keep both cores busier than one), 5.2k FSDP-8 (all-gathers of every
+layer). Losses agree across all rows. (The founding session's figures, at load 14-19, were ~5x lower.)
 
     python benchmarks/sharded_step.py                 # writes results/cpu-sharding.jsonl
     python benchmarks/sharded_step.py --steps 5 --no-write
