@@ -222,8 +222,8 @@ class _LSTM:
 class _GRU:
     extra_bufs = 1  # hn = h W_hn + b_hn, later its cotangent
     hoist_inference = False
-    # Training stays batch-major at hidden 512 (measured, batch 32: 1.26-1.27x PyTorch and 1.29-1.30x
-    # Flax's GRUCell, against 1.05-1.10x / 1.10-1.11x feature-major), so the switch is at 1024.
+    # Training stays batch-major at hidden 512 (measured, batch 32: 1.16-1.27x PyTorch and 1.22-1.30x
+    # Flax's GRUCell, against 1.05-1.10x / 1.11x feature-major), so the switch is at 1024.
     feature_major_scale = 2
 
     @staticmethod
