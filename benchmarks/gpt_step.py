@@ -168,9 +168,8 @@ def main():
     n_params = sum(x.size for x in jax.tree.leaves(params)) - T * D  # nanoGPT leaves positions out
     jaxseq_step = make_jaxseq_step(model, optimizer)
     plain_step = make_jax_step(model, optimizer)
-    box = {"jaxseq": init_train_state(params, optimizer),
-           "flax-plain": ({"params": jax.tree.map(jnp.copy, params)}, None)}
-    box["flax-plain"] = (box["flax-plain"][0], optimizer.init(box["flax-plain"][0]))
+    plain_params = {"params": jax.tree.map(jnp.copy, params)}  # its own copy: both steps donate their state
+    box = {"jaxseq": init_train_state(params, optimizer), "flax-plain": (plain_params, optimizer.init(plain_params))}
 
     def run_jaxseq(i):
         box["jaxseq"], loss = jaxseq_step(box["jaxseq"], *jx[i % 4])

@@ -308,8 +308,7 @@ def _forward(cell, L, params, xs, mask, resets, carry0, unroll, save):
     """The forward loop. xs [B, T, D]; carry0 batch-major.
 
     Returns (ys [B, T, H], carry) and, when `save`, the residuals (x2, bufs, saves, carry0).
-    Without `save` (inference) the input projection is done step by step inside the loop:
-    no [B, T, G] buffer to fill (measured faster; see benchmarks/README.md).
+    Without `save` (inference) nothing is saved; see `_forward_inference` for where it projects.
     """
     steps = xs.shape[1]
     carry0 = L.carry(carry0)
