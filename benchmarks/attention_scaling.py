@@ -4,7 +4,9 @@ One attention op with q, k, v given (no projections): batch 8, 4 heads of 64 (d_
 256..4096, float32. Each step computes the output and the gradients of sum(out * g) with respect to
 q, k, v for a fixed random cotangent g (`jax.vjp` / `out.backward(g)`): what one layer costs in training.
 
-  * jaxseq-flash: `jaxseq.flash_attention` (blockwise, online softmax, masked half skipped, own backward)
+  * jaxseq-flash: `jaxseq.flash_attention` (blockwise, online softmax, masked half skipped, own backward),
+                  jitted with `jaxseq.xla_options.compiler_options` as jaxseq's Transformer steps are
+                  (YNNPACK dots on CPU; `--cpu-dots xla` for XLA's own dot emitter)
   * jax-xla:      `jax.nn.dot_product_attention(..., is_causal=True, implementation="xla")`
   * torch-sdpa:   `torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)` (its CPU flash
                   kernel), inputs in its native [B, H, T, d] layout
@@ -44,6 +46,8 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds per length")
+    ap.add_argument("--cpu-dots", default="ynn", choices=("ynn", "xla"),
+                    help="jaxseq rows: YNNPACK dots on CPU (as jaxseq's Transformer steps) or XLA's own")
     ap.add_argument("--flash-variants", default=None, help="block_q:block_k:chunk[:schedule],... (default: library defaults)")
     ap.add_argument("--no-xla", action="store_true", help="skip jax.nn.dot_product_attention")
     ap.add_argument("--xla-max-len", type=int, default=4096, help="skip XLA above this length (it holds B*H*T*T floats)")
@@ -76,6 +80,7 @@ def main(argv=None):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from jaxseq.flash_attention import flash_attention
+    from jaxseq.xla_options import compiler_options
 
     if args.single_thread:
         torch.set_num_threads(1)
@@ -91,12 +96,16 @@ def main(argv=None):
             kw = dict(block_q=int(bq), block_k=int(bk), chunk=int(ch), schedule=sched[0] if sched else "rows")
             variants.append((f"jaxseq-flash[{item}]", kw))
 
-    def jax_step(fn):
+    def jax_step(fn, options):
         def step(q, k, v, g):
             out, vjp = jax.vjp(fn, q, k, v)
             return (out,) + vjp(g)
 
-        return jax.jit(step)
+        return jax.jit(step, compiler_options=options)
+
+    # jaxseq's rows compile as jaxseq's Transformer steps do (YNNPACK dots on CPU, jaxseq.xla_options);
+    # jax.nn.dot_product_attention compiles with XLA's defaults, as a user's own jit would.
+    jaxseq_options = compiler_options(cpu_dots=args.cpu_dots)
 
     header = {
         "event": "start", "backend": jax.default_backend(), "jax": jax.__version__, "torch": torch.__version__,
@@ -134,7 +143,7 @@ def main(argv=None):
                 q, k, v, is_causal=True, implementation="xla"
             )
         for name, fn in jax_fns.items():
-            step = jax_step(fn)
+            step = jax_step(fn, jaxseq_options if name.startswith("jaxseq") else {})
             t0 = clock()
             got = jax.block_until_ready(step(q, k, v, g))  # trace + compile + one run
             compile_s[name] = clock() - t0
@@ -158,6 +167,7 @@ def main(argv=None):
                 "step_ms_median": round(1e3 * med, 2), "step_ms_min": round(1e3 * min(ts), 2),
                 "tokens_per_s": round(B * T / med, 1), "speedup_vs_torch": round(med_torch / med, 3),
                 "max_abs_err_vs_torch": max_err.get(name, 0.0), "repeats": args.repeats,
+                "compiler_options": jaxseq_options if name.startswith("jaxseq") else {},
                 "load_avg": [round(x, 2) for x in os.getloadavg()],
             }  # fmt: skip
             rows.append(row)

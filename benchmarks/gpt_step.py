@@ -5,7 +5,8 @@ context 64, batch 12, vocab 65, no dropout, tied embeddings, learned positions, 
 forward, cross-entropy, backward, AdamW update, on random tokens (speed does not depend on the data).
 
   * jaxseq:       `jaxseq.train.make_train_step(lm_loss_fn(model), adamw)` jitted with the state
-                  donated: the step `jaxseq train` runs (padding mask, non-finite guard, grad norm).
+                  donated and jaxseq's compile options: the step `jaxseq train` runs (padding mask,
+                  non-finite guard, grad norm; YNNPACK dots on CPU).
   * flax-plain:   the same TransformerLM in a hand-written jit of loss + grad + optax.adamw (no mask,
                   no metrics): what the step costs without jaxseq's bookkeeping.
   * torch-eager:  nanoGPT's model (F.scaled_dot_product_attention, is_causal=True) + torch.optim.AdamW,
@@ -45,6 +46,7 @@ from jaxseq.config import TransformerConfig  # noqa: E402
 from jaxseq.losses import lm_loss_fn  # noqa: E402
 from jaxseq.models.transformer import TransformerLM  # noqa: E402
 from jaxseq.train import init_train_state, make_train_step  # noqa: E402
+from jaxseq.xla_options import compiler_options  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_name, measure_peak  # noqa: E402
@@ -120,8 +122,10 @@ def make_jax_step(model, optimizer):
 
 def make_jaxseq_step(model, optimizer):
     """jaxseq's own train step (`jaxseq.train.make_train_step` + `lm_loss_fn`), as `jaxseq train` runs it:
-    padding mask, non-finite guard, grad norm and metrics included."""
-    step = jax.jit(make_train_step(lm_loss_fn(model), optimizer), donate_argnums=0)
+    padding mask, non-finite guard, grad norm and metrics included, compiled with the same options
+    (`jaxseq.xla_options.compiler_options`: YNNPACK dots on CPU)."""
+    step = jax.jit(make_train_step(lm_loss_fn(model), optimizer), donate_argnums=0,
+                   compiler_options=compiler_options(model))
 
     def call(state, x, y):
         state, metrics = step(state, {"inputs": x, "targets": y, "mask": jnp.ones(x.shape, bool)})

@@ -127,6 +127,9 @@ class TrainConfig:
     # Mixed precision: parameters and optimizer state stay float32 (so checkpoints do not depend on it and it
     # is not part of the architecture); "bfloat16" runs the forward/backward in bfloat16, logits and loss float32.
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Which library runs the matmuls on CPU (ignored elsewhere): "auto" = YNNPACK for the Transformers, whose
+    # per-head matmuls XLA's own emitter runs on one thread, XLA's own for the rest (jaxseq.xla_options).
+    cpu_dots: Literal["auto", "ynn", "xla"] = "auto"
     steps: int = 1500
     eval_every: int = 250
     eval_batches: int = 16

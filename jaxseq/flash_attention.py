@@ -31,13 +31,14 @@ from jax import lax
 from jaxseq.attention import _check_qkv  # the shared shape checks (attention imports this module lazily)
 from jaxseq.errors import ConfigError, ShapeError
 
-# Chosen by measurement on the 2-core CPU (benchmarks/attention_scaling.py and its notes): 128 x 128
-# tiles of 4 (batch, head) slices keep a step's working set near the 1 MB L2 cache while each matmul
-# stays large enough to split over two threads; 64..256 blocks and 1..4 slices were within noise of
-# each other single-threaded, 32 slices at once (no chunking) was ~25% slower.
+# Chosen by measurement on the 2-core CPU (benchmarks/attention_scaling.py, benchmarks/README.md). With
+# YNNPACK dots (how jaxseq's Transformer steps compile on CPU, jaxseq.xla_options) a step's batched
+# matmuls run on every core once they are big enough: 32 (batch, head) slices of 128 x 128 tiles ran
+# 1.1-1.7x faster than 4 slices (0.75-1.0x PyTorch SDPA against 0.5-0.7x). With XLA's own dot emitter,
+# which runs a batched matmul on one thread, 4 slices keep tiles in L2 and are ~15% faster than 32.
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 128
-DEFAULT_CHUNK = 4
+DEFAULT_CHUNK = 32
 SCHEDULES = ("rows", "pairs")
 DEFAULT_SCHEDULE = "rows"
 
@@ -331,9 +332,8 @@ def _scan_pairs(plan: _Plan, nc: int, visit, state):
 
 
 # ----------------------------------------------------------------------------------------------------
-# custom_vjp over the blocked layout. The leading chunk axis makes one step touch c (batch, head)
-# slices only, so its tiles stay in cache (measured: 4 slices at 128x128 ran ~1.5x the flops per
-# second of all 32 at once).
+# custom_vjp over the blocked layout. The leading chunk axis bounds how many (batch, head) slices one
+# step touches (see DEFAULT_CHUNK).
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -53,6 +53,7 @@ from jaxseq.checkpoint import CheckpointManager
 from jaxseq.config import OptimConfig, TrainConfig, to_dict
 from jaxseq.errors import ConfigError, DataError, NonFiniteError
 from jaxseq.losses import lm_loss_fn, token_nll
+from jaxseq.xla_options import CpuDots, compiler_options
 from jaxseq.sharding import (batch_sharding, check_batch_divisible, make_mesh, maybe_initialize_distributed,
                              process_rows, replicated, shard_batch, state_shardings)
 
@@ -166,13 +167,16 @@ class ShardedStep(NamedTuple):
     abstract: Any  # the TrainState's ShapeDtypeStructs with those shardings (a restore template)
 
 
-def make_sharded_step(model, optimizer, mesh, *, seq_len: int, seed: int = 0, compute_dtype=None) -> ShardedStep:
+def make_sharded_step(
+    model, optimizer, mesh, *, seq_len: int, seed: int = 0, compute_dtype=None, cpu_dots: CpuDots = "auto"
+) -> ShardedStep:
     """Init and train step of `model` on `mesh`, the same code on one CPU, 8 fake CPUs, a GPU or many hosts.
 
     Params and optimizer state get `jaxseq.sharding.state_shardings` (replicated, or split along their
     largest axis that --mesh.fsdp divides); batches are split over every device (`batch_sharding`);
     metrics come back replicated. `init` runs `model.init` under jit with those out_shardings, so no
     device ever holds more than its shard of a big model. seq_len: the init tokens' length (shapes only).
+    cpu_dots: which library runs the step's matmuls on CPU (`jaxseq.xla_options.compiler_options`).
     """
 
     def init_state():  # traced: the tokens only give init its shapes
@@ -186,6 +190,7 @@ def make_sharded_step(model, optimizer, mesh, *, seq_len: int, seed: int = 0, co
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compiler_options(model, cpu_dots),
     )
     template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return ShardedStep(jax.jit(init_state, out_shardings=shardings), step, shardings, template)
@@ -209,20 +214,23 @@ def model_variables(model, params) -> dict:
     return params if is_count_model(model) else {"params": params}
 
 
-def make_eval_step(model, *, mesh=None, param_shardings=None):
+def make_eval_step(model, *, mesh=None, param_shardings=None, cpu_dots: CpuDots = "auto"):
     """Jitted `(params, batch) -> (sum_nll, count)`: summed next-token NLL (nats) and valid targets, no dropout.
 
     mesh, param_shardings: compile for params with these shardings and a batch split over `mesh`
     (as `train()` feeds it); the sums come back replicated, readable by every process.
+    cpu_dots: as in `make_sharded_step`.
     """
 
     def eval_step(params, batch):
         logits = model.apply(model_variables(model, params), batch["inputs"], mask=batch["mask"], deterministic=True)
         return token_nll(logits, batch["targets"], batch["mask"])
 
+    options = compiler_options(model, cpu_dots)
     if mesh is None:
-        return jax.jit(eval_step)
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
+        return jax.jit(eval_step, compiler_options=options)
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh),
+                   compiler_options=options)
 
 
 def evaluate(eval_step, params, batches) -> dict:
@@ -299,7 +307,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
         model = _with_compute_dtype(model, compute_dtype)
         optimizer = make_optimizer(config.optim, config.steps)
         sharded = make_sharded_step(model, optimizer, mesh, seed=config.seed, seq_len=dc.seq_len,
-                                    compute_dtype=compute_dtype)
+                                    compute_dtype=compute_dtype, cpu_dots=config.cpu_dots)
         start = 0
         if resuming:  # restored straight into this mesh's shardings, whatever mesh saved it
             state, meta = ckpt.restore(sharded.abstract)
@@ -316,7 +324,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> dict:
             (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
 
         step_fn = sharded.step
-        eval_step = make_eval_step(model, mesh=mesh, param_shardings=sharded.shardings.params)
+        eval_step = make_eval_step(model, mesh=mesh, param_shardings=sharded.shardings.params, cpu_dots=config.cpu_dots)
         val_batches = [shard_batch({k: v[rows] for k, v in b.items()}, mesh) for b in val_batches]
         step, last_saved, last_eval, val, stopped = start, (start if resuming else None), None, None, None
         tokens, t_first, paused, m = 0, None, 0.0, {}  # paused: seconds in eval/checkpoints, not in tokens/s

@@ -21,7 +21,7 @@ behind it) has none. `dropout` applies to the embeddings and to both residual br
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -237,6 +237,8 @@ class TransformerLM(nn.Module):
     attention_implementation: str | None = None  # None = auto (cuDNN on GPU if eligible), "xla", "cudnn"
     dtype: Any = jnp.float32  # compute dtype; logits are always returned in float32
     param_dtype: Any = jnp.float32
+    # Per-head attention matmuls dominate: on CPU its steps compile with YNNPACK dots (jaxseq.xla_options).
+    batched_matmuls: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config, vocab_size: int, **overrides) -> "TransformerLM":
