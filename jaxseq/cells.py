@@ -122,10 +122,11 @@ class LSTM(_GatedCell):
         return (h, c), h
 
     def sequence_unroll(self, params, xs, mask, carry0, resets, unroll=1):
-        """Whole-sequence form used by `unroll`: same numbers as scanning `step`, faster backward pass."""
-        from jaxseq.fused_rnn import lstm_sequence
+        """Whole-sequence form used by `unroll`: same numbers as scanning `step`, faster backward pass
+        (jaxseq's fused recurrence; cuDNN's LSTM on GPU when it can express the call, `jaxseq.cudnn_lstm`)."""
+        from jaxseq.cudnn_lstm import lstm_sequence_dispatch
 
-        return lstm_sequence(params, xs, mask, carry0, resets, unroll)
+        return lstm_sequence_dispatch(params, xs, mask, carry0, resets, unroll)
 
 
 @dataclasses.dataclass(frozen=True)
