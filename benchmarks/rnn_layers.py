@@ -9,6 +9,10 @@ One layer, batch 32, length 128, input 128, hidden 64 / 256 / 512, float32, on t
   * flax-*:          `flax.linen.RNN(OptimizedLSTMCell | LSTMCell | GRUCell)`.
   * torch:           `torch.nn.LSTM` / `torch.nn.GRU` (batch_first, CPU, oneDNN where PyTorch uses
                      it), eager, `torch.set_num_threads` left at its default unless --threads is given.
+  * GPU only (LSTM): `jax-experimental-rnn`, JAX's cuDNN LSTM (`rnn.lstm` on jaxseq's packed
+                     weights, `jaxseq.cudnn_lstm.lstm_cudnn`), and `jaxseq-fused`,
+                     jaxseq's own fused recurrence without the cuDNN dispatch (the `jaxseq` row
+                     takes cuDNN there, `jaxseq.cudnn_lstm`).
 
 Modes: `train` = forward + backward of loss = sum(outputs * W) with W a fixed random [B, T, H]
 array, gradients of every parameter and of the input; `infer` = forward only (torch under
@@ -115,6 +119,26 @@ def make_jaxseq(kind, hidden, xs, w, mode, fused):
     return _jax_case(apply, params, xs, w, mode)
 
 
+def make_gpu_lstm(hidden, xs, w, mode, cudnn):
+    """jax.experimental.rnn's cuDNN LSTM (cudnn=True) or jaxseq's fused path with the dispatch bypassed."""
+    from jax.experimental import rnn
+
+    from jaxseq.cudnn_lstm import lstm_cudnn
+    from jaxseq.fused_rnn import lstm_sequence
+
+    cell = jaxseq.LSTM(xs.shape[-1], hidden)
+    params = cell.init(jax.random.key(0))
+
+    def apply(p, x):
+        b, t = x.shape[:2]
+        mask, carry0 = jnp.ones((b, t), bool), cell.initial_carry((b,), x.dtype)
+        if cudnn:
+            return lstm_cudnn(p, x, mask, carry0, kernel=rnn.lstm)[0]
+        return lstm_sequence(p, x, mask, carry0, jnp.zeros((b, t), bool))[0]
+
+    return _jax_case(apply, params, xs, w, mode)
+
+
 def make_flax(cell_cls, hidden, xs, w, mode):
     model = fnn.RNN(cell_cls(features=hidden))
     params = model.init(jax.random.key(0), xs)
@@ -123,9 +147,10 @@ def make_flax(cell_cls, hidden, xs, w, mode):
 
 def make_torch(kind, hidden, xs, w, mode):
     torch.manual_seed(0)
-    module = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(xs.shape[-1], hidden, batch_first=True)
-    x = torch.from_numpy(np.asarray(xs)).requires_grad_(mode == "train")
-    tw = torch.from_numpy(np.asarray(w))
+    dev = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    module = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(xs.shape[-1], hidden, batch_first=True).to(dev)
+    x = torch.from_numpy(np.asarray(xs)).to(dev).requires_grad_(mode == "train")
+    tw = torch.from_numpy(np.asarray(w)).to(dev)
     if mode == "train":
         def call():
             for p in module.parameters():
@@ -133,10 +158,14 @@ def make_torch(kind, hidden, xs, w, mode):
             x.grad = None
             y, _ = module(x)
             (y * tw).sum().backward()
+            if dev == "cuda":
+                torch.cuda.synchronize()
     else:
         def call():
             with torch.inference_mode():
                 module(x)
+            if dev == "cuda":
+                torch.cuda.synchronize()
     return call, None
 
 
@@ -144,7 +173,10 @@ def competitors(kind):
     both = {"jaxseq": None, "jaxseq-scan": None}
     flax = {"flax-optimized-lstm": fnn.OptimizedLSTMCell, "flax-lstm": fnn.LSTMCell} if kind == "lstm" else {
         "flax-gru": fnn.GRUCell}
-    return list(both) + list(flax) + ["torch"], flax
+    gpu = ["jax-experimental-rnn", "jaxseq-fused"] if kind == "lstm" and jax.default_backend() == "gpu" else []
+    # torch runs where JAX runs: on a GPU backend only with a CUDA build of torch (cuDNN's LSTM there).
+    with_torch = jax.default_backend() == "cpu" or torch.cuda.is_available()
+    return list(both) + gpu + list(flax) + (["torch"] if with_torch else []), flax
 
 
 def run_case(kind, hidden, mode, peak):
@@ -162,6 +194,8 @@ def run_case(kind, hidden, mode, peak):
             calls[name], compile_s[name] = make_jaxseq(kind, hidden, xs, w, mode, fused=False)
         elif name == "torch":
             calls[name], compile_s[name] = make_torch(kind, hidden, xs, w, mode)
+        elif name in ("jax-experimental-rnn", "jaxseq-fused"):
+            calls[name], compile_s[name] = make_gpu_lstm(hidden, xs, w, mode, cudnn=name == "jax-experimental-rnn")
         else:
             calls[name], compile_s[name] = make_flax(flax[name], hidden, xs, w, mode)
     for call in calls.values():
