@@ -20,6 +20,8 @@ a busy shared CPU slows them alike. Prints one JSON line per implementation: fir
     python benchmarks/gpt_step.py                 # nanoGPT's small CPU config
     python benchmarks/gpt_step.py --d-model 256 --context 256 --batch 16 \
         --out benchmarks/results/cpu-gpt-step.jsonl    # the Transformer issue's comparison size
+    python benchmarks/gpt_step.py --layers 12 --heads 12 --d-model 768 --context 1024 --batch 8 \
+        --vocab 50304 --compute-dtype bfloat16         # GPT-2 small on a GPU: MFU in bfloat16
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class NanoGPT(tnn.Module):
                 tnn.init.normal_(p, std=0.02)
 
     def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
@@ -120,11 +122,11 @@ def make_jax_step(model, optimizer):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_jaxseq_step(model, optimizer):
+def make_jaxseq_step(model, optimizer, compute_dtype=None):
     """jaxseq's own train step (`jaxseq.train.make_train_step` + `lm_loss_fn`), as `jaxseq train` runs it:
     padding mask, non-finite guard, grad norm and metrics included, compiled with the same options
     (`jaxseq.xla_options.compiler_options`: YNNPACK dots on CPU)."""
-    step = jax.jit(make_train_step(lm_loss_fn(model), optimizer), donate_argnums=0,
+    step = jax.jit(make_train_step(lm_loss_fn(model, compute_dtype=compute_dtype), optimizer), donate_argnums=0,
                    compiler_options=compiler_options(model))
 
     def call(state, x, y):
@@ -152,26 +154,35 @@ def main():
     # On a shared, oversubscribed CPU torch's OpenMP threads spin-wait; 1 thread is then fairer.
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default="", help="append the JSON lines to this file as well")
+    ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="forward/backward dtype (params and AdamW stay float32; torch: autocast); MFU is "
+                         "then taken against the bfloat16 matmul peak")
     args = ap.parse_args()
     L, H, D, T, B, V = args.layers, args.heads, args.d_model, args.context, args.batch, args.vocab
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
-    peak = measure_peak()
+    dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else None
+    peak = measure_peak(dtype=dtype or jnp.float32)
+    # torch runs where JAX runs: on a GPU backend only with a CUDA build of torch.
+    on_gpu = jax.default_backend() == "gpu"
+    tdev = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    with_torch = not on_gpu or tdev == "cuda"
 
     cfg = TransformerConfig(num_layers=L, num_heads=H, d_model=D, d_ff=4 * D, max_len=T, dropout=0.0)
     model = TransformerLM.from_config(cfg, vocab_size=V)
+    plain_model = model if dtype is None else TransformerLM.from_config(cfg, vocab_size=V, dtype=dtype)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, V, (B, T + 1)) for _ in range(4)]
     jx = [(jnp.asarray(b[:, :-1], jnp.int32), jnp.asarray(b[:, 1:], jnp.int32)) for b in batches]
-    tx = [(torch.from_numpy(b[:, :-1].copy()).long(), torch.from_numpy(b[:, 1:].copy()).long()) for b in batches]
+    tx = [tuple(torch.from_numpy(a.copy()).long().to(tdev) for a in (b[:, :-1], b[:, 1:])) for b in batches]
     optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.0)
 
     # Each competitor is a closure over its own state: step(i) runs one training step on batch i % 4
     # and returns the loss (already waited for).
     params = jax.jit(model.init)(jax.random.key(0), jx[0][0])["params"]
     n_params = sum(x.size for x in jax.tree.leaves(params)) - T * D  # nanoGPT leaves positions out
-    jaxseq_step = make_jaxseq_step(model, optimizer)
-    plain_step = make_jax_step(model, optimizer)
+    jaxseq_step = make_jaxseq_step(model, optimizer, dtype)
+    plain_step = make_jax_step(plain_model, optimizer)
     plain_params = {"params": jax.tree.map(jnp.copy, params)}  # its own copy: both steps donate their state
     box = {"jaxseq": init_train_state(params, optimizer), "flax-plain": (plain_params, optimizer.init(plain_params))}
 
@@ -185,19 +196,22 @@ def main():
         box["flax-plain"] = (p, o)
         return float(loss)
 
-    net = NanoGPT(V, T, L, D, H, 4 * D)
+    net = NanoGPT(V, T, L, D, H, 4 * D).to(tdev)
     topt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     n_torch = sum(p.numel() for p in net.parameters()) - T * D
     assert n_params == n_torch, (n_params, n_torch)
 
     def run_torch(i):
-        loss = net(*tx[i % 4])
+        with torch.autocast(tdev, dtype=torch.bfloat16, enabled=dtype is not None):
+            loss = net(*tx[i % 4])
         topt.zero_grad(set_to_none=True)
         loss.backward()
         topt.step()
         return loss.item()
 
-    runners = {"jaxseq": run_jaxseq, "flax-plain": run_plain, "torch-eager": run_torch}
+    runners = {"jaxseq": run_jaxseq, "flax-plain": run_plain}
+    if with_torch:
+        runners["torch-eager"] = run_torch
     first, losses = {}, {}
     for name, run in runners.items():  # first call = compile (JAX) / first-step allocation (torch)
         t0 = time.perf_counter()
@@ -214,7 +228,8 @@ def main():
             times[name].append(time.perf_counter() - t0)
 
     flops = flops_per_step(n_params, L, D, T, B)
-    config = dict(layers=L, heads=H, d_model=D, d_ff=4 * D, context=T, batch=B, vocab=V, params=n_params)
+    config = dict(layers=L, heads=H, d_model=D, d_ff=4 * D, context=T, batch=B, vocab=V, params=n_params,
+                  compute_dtype=args.compute_dtype)
     common = dict(bench="gpt_step", config=config, repeats=args.repeats, load=[round(x, 2) for x in os.getloadavg()],
                   torch_threads=args.torch_threads, jax=jax.__version__, torch=torch.__version__,
                   device=device_name(), peak_gflop_per_s=round(peak, 1))
@@ -226,7 +241,8 @@ def main():
             impl=name, compile_or_first_step_s=round(first[name], 3), step_ms=round(1e3 * med, 3),
             step_ms_iqr=[round(1e3 * q, 3) for q in statistics.quantiles(ts, n=4)[::2]],
             tokens_per_s=round(B * T / med, 1), gflops_per_s=round(flops / med / 1e9, 2),
-            mfu=round(flops / med / 1e9 / peak, 4), speedup_vs_torch=round(medians["torch-eager"] / med, 3),
+            mfu=round(flops / med / 1e9 / peak, 4),
+            speedup_vs_torch=round(medians["torch-eager"] / med, 3) if with_torch else None,
             final_loss=round(losses[name], 4), uniform_loss=round(math.log(V), 4), **common,
         ))
     for line in lines:
