@@ -34,8 +34,9 @@ from jaxseq.errors import ConfigError, ShapeError
 # Chosen by measurement on the 2-core CPU (benchmarks/attention_scaling.py, benchmarks/README.md). With
 # YNNPACK dots (how jaxseq's Transformer steps compile on CPU, jaxseq.xla_options) a step's batched
 # matmuls run on every core once they are big enough: 32 (batch, head) slices of 128 x 128 tiles ran
-# 1.1-1.7x faster than 4 slices (0.75-1.0x PyTorch SDPA against 0.5-0.7x). With XLA's own dot emitter,
-# which runs a batched matmul on one thread, 4 slices keep tiles in L2 and are ~15% faster than 32.
+# 1.6-1.7x faster than 4 slices at lengths 256..4096 (0.8-0.9x PyTorch SDPA against 0.5x). With XLA's
+# own dot emitter, which runs a batched matmul on one thread, 4 slices keep tiles in L2 and are ~15%
+# faster than 32.
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 128
 DEFAULT_CHUNK = 32

@@ -5,6 +5,9 @@
     step_fn = jax.jit(make_train_step(lm_loss_fn(model), optimizer, seed=config.seed))
     state, metrics = step_fn(state, batch)          # metrics: loss, grad_norm, lr, nonfinite, ...
 
+`train()` jits the same step with `compiler_options=jaxseq.xla_options.compiler_options(model)`, which on
+CPU gives Transformers YNNPACK dots (attention's per-head matmuls on every core); pass it too.
+
 Determinism: the dropout key of step s is `fold_in(key(seed), s)` (the seed is baked into the step
 function's closure; the step number comes from the state) and training batch s is
 `jaxseq.data.lm_batch(..., seed=seed, index=s)`, so a resumed run repeats an uninterrupted one bit for bit.
@@ -53,9 +56,9 @@ from jaxseq.checkpoint import CheckpointManager
 from jaxseq.config import OptimConfig, TrainConfig, to_dict
 from jaxseq.errors import ConfigError, DataError, NonFiniteError
 from jaxseq.losses import lm_loss_fn, token_nll
-from jaxseq.xla_options import CpuDots, compiler_options
 from jaxseq.sharding import (batch_sharding, check_batch_divisible, make_mesh, maybe_initialize_distributed,
                              process_rows, replicated, shard_batch, state_shardings)
+from jaxseq.xla_options import CpuDots, compiler_options
 
 
 class TrainState(NamedTuple):
