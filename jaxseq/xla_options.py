@@ -4,10 +4,12 @@ Why: XLA:CPU (jax 0.10) runs a batched matmul, an einsum with a batch axis such 
 q k^T and p v, on one thread, inside loops and out, whatever the batch. Its experimental YNNPACK dot
 fusion runs the same matmuls on every core. Measured on the 2-core CPU (benchmarks/README.md,
 "Attempts"): a loop of per-head attention matmuls runs 2.9x faster, and the GPT train step at d 256 /
-context 256 runs 1.46x faster. The recurrent cells' small [B, H] @ [H, 4H] matmuls per time step lose
-with it (the fused LSTM at hidden 256: 47.9k -> 38.7k tokens/s). So the choice is made per model: a
+context 256 runs 1.46x faster. The fused recurrences lose with it as a whole (the LSTM's training step
+at hidden 256: 47.9k -> 38.7k tokens/s), although a bare loop of their per-step matmul gains. So the
+choice is made per model: a
 model class that sets `batched_matmuls = True` (the Transformers) gets YNNPACK dots, others keep
-XLA's own.
+XLA's own. (XLA's default already runs single, unbatched matmuls in YNNPACK; adding those and its
+reductions to the list lost for attention, 22k against 35k tokens/s at length 1024.)
 
 The option goes to `jax.jit(..., compiler_options=...)`, so it applies to that one program and
 nothing else in the process. On GPU and TPU these functions return {}.
