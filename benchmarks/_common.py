@@ -20,6 +20,14 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def torch_device(torch) -> str | None:
+    """Where torch runs beside JAX: "cpu" on a CPU backend, "cuda" on a GPU backend when torch has CUDA,
+    None otherwise (skip torch: a CPU torch against a GPU JAX compares nothing)."""
+    if jax.default_backend() == "cpu":
+        return "cpu"
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else None
+
+
 def device_name() -> str:
     """'cpu: <model> (N cores), cpu' on CPU; the accelerator's kind (e.g. 'NVIDIA H100 80GB HBM3') otherwise."""
     dev = jax.devices()[0]

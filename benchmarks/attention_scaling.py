@@ -142,8 +142,9 @@ def main(argv=None):
             jax_fns["jax-xla"] = lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, implementation="xla"
             )
+        options = {name: jaxseq_options if name.startswith("jaxseq") else {} for name in jax_fns}
         for name, fn in jax_fns.items():
-            step = jax_step(fn, jaxseq_options if name.startswith("jaxseq") else {})
+            step = jax_step(fn, options[name])
             t0 = clock()
             got = jax.block_until_ready(step(q, k, v, g))  # trace + compile + one run
             compile_s[name] = clock() - t0
@@ -167,7 +168,7 @@ def main(argv=None):
                 "step_ms_median": round(1e3 * med, 2), "step_ms_min": round(1e3 * min(ts), 2),
                 "tokens_per_s": round(B * T / med, 1), "speedup_vs_torch": round(med_torch / med, 3),
                 "max_abs_err_vs_torch": max_err.get(name, 0.0), "repeats": args.repeats,
-                "compiler_options": jaxseq_options if name.startswith("jaxseq") else {},
+                "compiler_options": options.get(name, {}),
                 "load_avg": [round(x, 2) for x in os.getloadavg()],
             }  # fmt: skip
             rows.append(row)

@@ -51,7 +51,7 @@ from jaxseq.train import init_train_state, make_train_step  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, measure_peak  # noqa: E402
+from _common import device_name, measure_peak, torch_device  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- torch nanoGPT
@@ -163,10 +163,9 @@ def main():
     torch.manual_seed(0)
     dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else None
     peak = measure_peak(dtype=dtype or jnp.float32)
-    # torch runs where JAX runs: on a GPU backend only with a CUDA build of torch.
-    on_gpu = jax.default_backend() == "gpu"
-    tdev = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
-    with_torch = not on_gpu or tdev == "cuda"
+    tdev = torch_device(torch)  # None: no torch rows (a GPU backend without a CUDA torch)
+    with_torch = tdev is not None
+    tdev = tdev or "cpu"
 
     cfg = TransformerConfig(num_layers=L, num_heads=H, d_model=D, d_ff=4 * D, max_len=T, dropout=0.0)
     model = TransformerLM.from_config(cfg, vocab_size=V)

@@ -73,7 +73,7 @@ import jaxseq  # noqa: E402
 from jaxseq.scan import _lax_scan_cell  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, measure_peak  # noqa: E402
+from _common import device_name, measure_peak, torch_device  # noqa: E402
 
 if ARGS.threads:
     torch.set_num_threads(ARGS.threads)
@@ -147,7 +147,7 @@ def make_flax(cell_cls, hidden, xs, w, mode):
 
 def make_torch(kind, hidden, xs, w, mode):
     torch.manual_seed(0)
-    dev = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    dev = torch_device(torch)
     module = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(xs.shape[-1], hidden, batch_first=True).to(dev)
     x = torch.from_numpy(np.asarray(xs)).to(dev).requires_grad_(mode == "train")
     tw = torch.from_numpy(np.asarray(w)).to(dev)
@@ -174,9 +174,7 @@ def competitors(kind):
     flax = {"flax-optimized-lstm": fnn.OptimizedLSTMCell, "flax-lstm": fnn.LSTMCell} if kind == "lstm" else {
         "flax-gru": fnn.GRUCell}
     gpu = ["jax-experimental-rnn", "jaxseq-fused"] if kind == "lstm" and jax.default_backend() == "gpu" else []
-    # torch runs where JAX runs: on a GPU backend only with a CUDA build of torch (cuDNN's LSTM there).
-    with_torch = jax.default_backend() == "cpu" or torch.cuda.is_available()
-    return list(both) + gpu + list(flax) + (["torch"] if with_torch else []), flax
+    return list(both) + gpu + list(flax) + (["torch"] if torch_device(torch) else []), flax
 
 
 def run_case(kind, hidden, mode, peak):

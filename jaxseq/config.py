@@ -14,6 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Which library runs the matmuls of a jitted step on CPU (see jaxseq.xla_options).
+CpuDots = Literal["auto", "ynn", "xla"]
+
 MODEL_KINDS = ("ngram", "additive", "rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "lru")
 ModelKind = Literal["ngram", "additive", "rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "lru"]
 
@@ -129,7 +132,7 @@ class TrainConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # Which library runs the matmuls on CPU (ignored elsewhere): "auto" = YNNPACK for the Transformers, whose
     # per-head matmuls XLA's own emitter runs on one thread, XLA's own for the rest (jaxseq.xla_options).
-    cpu_dots: Literal["auto", "ynn", "xla"] = "auto"
+    cpu_dots: CpuDots = "auto"
     steps: int = 1500
     eval_every: int = 250
     eval_batches: int = 16

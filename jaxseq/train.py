@@ -53,12 +53,12 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxseq.checkpoint import CheckpointManager
-from jaxseq.config import OptimConfig, TrainConfig, to_dict
+from jaxseq.config import CpuDots, OptimConfig, TrainConfig, to_dict
 from jaxseq.errors import ConfigError, DataError, NonFiniteError
 from jaxseq.losses import lm_loss_fn, token_nll
 from jaxseq.sharding import (batch_sharding, check_batch_divisible, make_mesh, maybe_initialize_distributed,
                              process_rows, replicated, shard_batch, state_shardings)
-from jaxseq.xla_options import CpuDots, compiler_options
+from jaxseq.xla_options import compiler_options
 
 
 class TrainState(NamedTuple):

@@ -6,9 +6,8 @@ fusion runs the same matmuls on every core. Measured on the 2-core CPU (benchmar
 "Attempts"): a loop of per-head attention matmuls runs 2.9x faster, and the GPT train step at d 256 /
 context 256 runs 1.46x faster. The fused recurrences lose with it as a whole (the LSTM's training step
 at hidden 256: 47.9k -> 38.7k tokens/s), although a bare loop of their per-step matmul gains. So the
-choice is made per model: a
-model class that sets `batched_matmuls = True` (the Transformers) gets YNNPACK dots, others keep
-XLA's own. (XLA's default already runs single, unbatched matmuls in YNNPACK; adding those and its
+choice is made per model: a model class that sets `batched_matmuls = True` (the Transformers) gets
+YNNPACK dots, others keep XLA's own. (XLA's default already runs single, unbatched matmuls in YNNPACK; adding those and its
 reductions to the list lost for attention, 22k against 35k tokens/s at length 1024.)
 
 The option goes to `jax.jit(..., compiler_options=...)`, so it applies to that one program and
@@ -20,15 +19,15 @@ nothing else in the process. On GPU and TPU these functions return {}.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
 
+from jaxseq.config import CpuDots
 from jaxseq.errors import ConfigError
 
-CpuDots = Literal["auto", "ynn", "xla"]
-CPU_DOTS = ("auto", "ynn", "xla")
+CPU_DOTS = get_args(CpuDots)
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
