@@ -133,6 +133,7 @@ def make_jaxseq_step(model, optimizer, compute_dtype=None):
         state, metrics = step(state, {"inputs": x, "targets": y, "mask": jnp.ones(x.shape, bool)})
         return state, metrics["loss"]
 
+    call.jitted = step  # for tools that want the compiled program (benchmarks/op_profile.py)
     return call
 
 
