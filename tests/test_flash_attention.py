@@ -84,6 +84,9 @@ CASES = {
     "pairs schedule, chunk 1": (
         2, 37, 37, 4, 2, 16, dict(causal=True, pad=True, block_q=16, block_k=8, schedule="pairs", chunk=1)
     ),
+    # chunks of (batch, kv head) slices: 2 of 4 kv heads at a time; 2 batch rows of all heads
+    "chunk within the heads": (2, 33, 33, 8, 4, 8, dict(causal=True, pad=True, block_q=16, block_k=16, chunk=2)),
+    "chunk across batch rows": (4, 21, 30, 2, 2, 8, dict(pad=True, block_q=8, block_k=8, chunk=4)),
 }  # fmt: skip
 
 
