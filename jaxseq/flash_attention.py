@@ -181,7 +181,8 @@ def _row_max(s):
 
     Why not jnp.max alone: XLA:CPU rewrites the row max of a [c, R, K] score block into a reduce-window
     and a reduce, which took ~215 us of a ~1.5 ms block-pair step ([32, 128, 128], 2-core CPU); the
-    halvings fuse into one vectorised loop (~36 us). Exact: max does not depend on the order.
+    halvings fuse into one vectorised loop (~36 us; benchmarks/README.md, attention attempt 11). Exact:
+    max does not depend on the order.
     (The same trick for the row sum lost: that fusion then ran beside p @ v and took its second core.)
     """
     while s.shape[-1] > 8 and s.shape[-1] % 2 == 0:

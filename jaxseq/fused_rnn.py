@@ -19,7 +19,7 @@ every per-step op. Here
   keeps page faults (a large part of the time on CPU) down;
 - the four LSTM gates are one `tanh`: sigmoid(x) = 0.5 tanh(x / 2) + 0.5, so
   `gates = a * tanh(a * z) + b` with per-gate constants (XLA's sigmoid is a
-  division, about twice the cost of a tanh);
+  division, about twice the cost of a tanh); the GRU's r and z gates use the same form;
 - the reverse loop does only `dZ_t W_hh^T` and elementwise gate derivatives, from the
   saved activations (no transcendental function but LSTM's tanh(c));
 - `dW_hh = H_prev^T dZ`, `dW_ih = X^T dZ`, `db` and `dX = dZ W_ih^T` are each one
@@ -154,7 +154,7 @@ def _cast_like(tree, like):
 
 def _sigmoid(x):
     """sigmoid(x) as 0.5 tanh(x / 2) + 0.5: XLA's sigmoid is a division, about twice a tanh's cost (the
-    GRU's training step at hidden 256 ran 1.09x faster this way; benchmarks/README.md, attempt 15)."""
+    GRU's training step at hidden 256 ran 1.09x faster this way; benchmarks/README.md, RNN attempt 18)."""
     return 0.5 * jnp.tanh(0.5 * x) + 0.5
 
 
