@@ -7,7 +7,7 @@ per executed op, loop bodies included), then prints for the last of `--steps` tr
   * the ops that took longest, summed over calls (a loop body's op is called once per iteration);
   * every matmul, grouped by output shape and contraction size, with its GFLOP/s (FLOPs from the
     compiled HLO), so a slow shape stands out against the device's peak;
-  * the top-level timeline: each op or loop that took more than 2% of the step, with its start.
+  * a timeline in 20 slices of the step: time inside ops in each, and its three largest op groups.
 
 Per-op times are wall times of events on a thread: ops run concurrently when XLA finds independent
 work, so sums can exceed the step, and a library matmul's helper threads are not counted. Profiling
@@ -140,6 +140,7 @@ def matmul_flops(hlo_text: str) -> dict[str, tuple[float, str]]:
 
 
 def trace_events(fn, fn_args, steps: int) -> list[dict]:
+    """The complete ("X") events of `steps` calls of fn(*fn_args) under jax.profiler."""
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp, create_perfetto_trace=True)
         for _ in range(steps):
@@ -236,10 +237,12 @@ def main(argv=None):
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=65)
-    ap.add_argument("--steps", type=int, default=2, help="traced steps (the last one is reported)")
+    ap.add_argument("--steps", type=int, default=2, help="traced steps, at least 2 (the last one is reported)")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", default="", help="also write the report here")
     args = ap.parse_args(argv)
+    if args.steps < 2:  # the last step is found as "after the previous one ended"
+        ap.error("--steps must be at least 2")
     defaults = {"lstm": (128, 32), "gru": (128, 32), "attention": (1024, 8), "gpt": (None, 16)}[args.case]
     args.length = args.length or defaults[0]
     args.batch = args.batch or defaults[1]
