@@ -177,7 +177,13 @@ def _h(carry):
 #       output's included); cts: tuple written over the in-place buffers (cts[0] =
 #       dZ_x, the cotangent of the projection); d_prev: cotangent of the carry that
 #       entered the step.
-#   dz_h(L, bufs) -> dZ_h, the cotangent of h W_hh (+ b_hh), after the loop.
+#   hh_grads(L, h_prev, dzx, dzx_sum, bufs) -> (dW_hh, db_hh), after the loop, from the flat entering
+#       states h_prev, the flat projection cotangents dzx (= bufs[0]) and their sum over rows.
+
+
+def _hh_grads_as_input(L, h_prev, dzx, dzx_sum, bufs):
+    """dW_hh, db_hh of a cell whose h W_hh + b_hh enters the gates beside x W_ih + b_ih (same cotangent)."""
+    return L.wgrad(h_prev, dzx), dzx_sum
 
 
 class _LSTM:
@@ -220,9 +226,7 @@ class _LSTM:
         dz = L.cat([dc * g * i * (1.0 - i), dc * c * f * (1.0 - f), dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)])
         return (dz,), (L.apply(w_hh, dz), dc * f)
 
-    @staticmethod
-    def dz_h(L, bufs):
-        return bufs[0]
+    hh_grads = staticmethod(_hh_grads_as_input)
 
 
 class _GRU:
@@ -264,10 +268,18 @@ class _GRU:
         return (L.cat([dr, dz, dn]), dhn), d_prev
 
     @staticmethod
-    def dz_h(L, bufs):
+    def hh_grads(L, h_prev, dzx, dzx_sum, bufs):
+        """The r, z columns of dW_hh are those of H^T dZ_x; the n columns come from dhn (bufs[1]).
+
+        Why not one matmul on [dZ_rz | dhn]: that concatenation is a [B*T, 3H] temporary (12.6 MB at
+        hidden 256, batch 32, length 128) which took the step's temporaries past glibc's 32 MB mmap
+        threshold, so they were mapped afresh, and faulted in, on every call (11k page faults, ~16 ms
+        a step). Computing H^T dZ_x's n columns and dropping them costs less (benchmarks/README.md,
+        RNN attempt 21)."""
         hid = L.width(bufs[1])
-        rz = bufs[0][: 2 * hid] if L.fm else bufs[0][..., : 2 * hid]
-        return jnp.concatenate([rz, bufs[1]], 0 if L.fm else -1)
+        dhn = L.flat(bufs[1])
+        dw_rz = L.wgrad(h_prev, dzx)[:, : 2 * hid]
+        return jnp.concatenate([dw_rz, L.wgrad(h_prev, dhn)], 1), jnp.concatenate([dzx_sum[: 2 * hid], L.bsum(dhn)])
 
 
 def _elman(nonlinearity):
@@ -297,9 +309,7 @@ def _elman(nonlinearity):
             dz = dh * grad
             return (dz,), L.apply(w_hh, dz)
 
-        @staticmethod
-        def dz_h(L, bufs):
-            return bufs[0]
+        hh_grads = staticmethod(_hh_grads_as_input)
 
     return _Elman
 
@@ -408,14 +418,10 @@ def _backward(cell, L, params, mask, resets, residuals, dys, dcarry, unroll):
     d, d0, bufs, _ = lax.fori_loop(0, steps, body, (dcarry, zeros, bufs, acts0), unroll=unroll)
     dcarry0 = L.carry(jax.tree.map(jnp.add, d0, d))
 
-    dzx, dzh, h_prev = L.flat(bufs[0]), L.flat(cell.dz_h(L, bufs)), L.flat(saves[0])
+    dzx, h_prev = L.flat(bufs[0]), L.flat(saves[0])
     dzx_sum = L.bsum(dzx)
-    grads = {
-        "w_ih": L.wgrad(x2, dzx),
-        "w_hh": L.wgrad(h_prev, dzh),
-        "b_ih": dzx_sum,
-        "b_hh": dzx_sum if dzh is dzx else L.bsum(dzh),
-    }
+    dw_hh, db_hh = cell.hh_grads(L, h_prev, dzx, dzx_sum, bufs)
+    grads = {"w_ih": L.wgrad(x2, dzx), "w_hh": dw_hh, "b_ih": dzx_sum, "b_hh": db_hh}
     dxs = L.to_buf(L.unflat(L.dx(dzx, params["w_ih"]), steps))
     return grads, dxs, dcarry0
 
