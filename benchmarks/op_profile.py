@@ -3,7 +3,8 @@
 Runs one of the benchmark cases under `jax.profiler` (XLA:CPU's thunk runtime records one trace event
 per executed op, loop bodies included), then prints for the last of `--steps` traced steps:
 
-  * the step's wall time and, per thread, the time it spent inside ops (how busy each core was);
+  * the step's wall time and, per thread, the time it spent inside ops (how busy each core was), and
+    the minor page faults of one untraced step;
   * the ops that took longest, summed over calls (a loop body's op is called once per iteration);
   * every matmul, grouped by output shape and contraction size, with its GFLOP/s (FLOPs from the
     compiled HLO), so a slow shape stands out against the device's peak;
@@ -29,6 +30,7 @@ import gzip
 import json
 import math
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -259,12 +261,18 @@ def main(argv=None):
     hlo = fn.lower(*fn_args).compile().as_text()
     for _ in range(3):  # compile and warm up
         jax.block_until_ready(fn(*fn_args))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     jax.block_until_ready(fn(*fn_args))
     untraced_ms = (time.perf_counter() - t) * 1e3
+    # Minor page faults of that step: fresh pages of buffers mapped anew on every call (benchmarks/README.md,
+    # RNN attempts 20-21); they show up as slow first ops in the timeline.
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     rep = summarize(trace_events(fn, fn_args, args.steps), matmul_flops(hlo), args.top)
-    rep.update(case=args.case, title=title, untraced_step_ms=round(untraced_ms, 1), backend=jax.default_backend())
-    print_report(rep, f"{title} ({jax.devices()[0].device_kind}; one untraced step: {untraced_ms:.1f} ms)")
+    rep.update(case=args.case, title=title, untraced_step_ms=round(untraced_ms, 1), page_faults=faults,
+               backend=jax.default_backend())  # fmt: skip
+    print_report(rep, f"{title} ({jax.devices()[0].device_kind}; one untraced step: {untraced_ms:.1f} ms, "
+                      f"{faults} page faults)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1))
 
