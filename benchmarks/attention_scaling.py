@@ -6,7 +6,7 @@ q, k, v for a fixed random cotangent g (`jax.vjp` / `out.backward(g)`): what one
 
   * jaxseq-flash: `jaxseq.flash_attention` (blockwise, online softmax, masked half skipped, own backward),
                   jitted with `jaxseq.xla_options.compiler_options` as jaxseq's Transformer steps are
-                  (YNNPACK dots on CPU; `--cpu-dots xla` for XLA's own dot emitter)
+                  (YNNPACK dots on CPU; `--cpu-dots xla` for XLA's defaults)
   * jax-xla:      `jax.nn.dot_product_attention(..., is_causal=True, implementation="xla")`
   * torch-sdpa:   `torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)` (its CPU flash
                   kernel), inputs in its native [B, H, T, d] layout

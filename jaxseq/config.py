@@ -131,7 +131,7 @@ class TrainConfig:
     # is not part of the architecture); "bfloat16" runs the forward/backward in bfloat16, logits and loss float32.
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # Which library runs the matmuls on CPU (ignored elsewhere): "auto" = YNNPACK for the Transformers, whose
-    # per-head matmuls XLA's own emitter runs on one thread, XLA's own for the rest (jaxseq.xla_options).
+    # per-head matmuls XLA's own emitter runs on one thread, XLA's defaults for the rest (jaxseq.xla_options).
     cpu_dots: CpuDots = "auto"
     steps: int = 1500
     eval_every: int = 250

@@ -45,7 +45,8 @@ def compiler_options(model=None, cpu_dots: CpuDots = "auto") -> dict:
     """`compiler_options` for jitting `model`'s train or eval step.
 
     cpu_dots: "auto" uses YNNPACK dots on CPU when `model` sets `batched_matmuls = True`; "ynn" uses them
-    for any model; "xla" keeps XLA's own dot emitter. Off CPU the result is always {}.
+    for any model; "xla" keeps XLA's defaults (batched matmuls in its own emitter). Off CPU the result is
+    always {}.
     """
     if cpu_dots not in CPU_DOTS:
         raise ConfigError(f"cpu_dots must be one of {CPU_DOTS}, got {cpu_dots!r}.")
