@@ -65,3 +65,56 @@ def measure_peak(sizes=(1024, 2048), repeats=7, dtype=jnp.float32) -> float:
                 a @ a
                 best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+# ------------------------------------------------------------------------------------------ memory
+# Each library's own account of one step's peak, in MiB: the arrays the step reads (parameters,
+# inputs, optimizer state), the ones it returns, and its temporaries at their high point.
+
+
+def jax_peak_mb(compiled) -> float | None:
+    """Peak memory of one call of a compiled JAX program, as XLA plans it (`compiled` is
+    `jax.jit(f).lower(*args).compile()`): arguments + outputs + the one block of temporaries XLA
+    allocates per call, less the outputs that reuse a donated argument's buffer. None when the backend
+    gives no memory analysis. A library fusion's own scratch (a YNNPACK matmul fused with its
+    neighbours on CPU) is outside XLA's plan and not counted."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return round(total / 2**20, 2)
+
+
+def torch_peak_mb(torch, call, device: str) -> float | None:
+    """Peak memory of one `call()` on torch's allocator, counting the tensors it uses that existed
+    before (parameters, inputs, optimizer state), as `jax_peak_mb` counts arguments.
+
+    CUDA: `max_memory_allocated` after a reset (every live torch tensor on the device counts).
+    CPU: the profiler's memory timeline (`profile_memory=True`), the only CPU account torch keeps:
+    sizes of every tensor alive, by category, at each allocation; we take the largest total. None if
+    this torch cannot build one (the timeline API is marked deprecated in torch 2.13)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        torch.cuda.synchronize()
+        return round(torch.cuda.max_memory_allocated() / 2**20, 2)
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            call()
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            path = os.path.join(tmp, "timeline.json")
+            prof.export_memory_timeline(path, device="cpu")
+            import json
+
+            _, sizes = json.load(open(path))  # [times], [[bytes per category] per time]
+    except Exception as err:  # an API change must not cost the timing run; the row says why
+        print(f"torch_peak_mb: no CPU memory timeline ({type(err).__name__}: {err})", flush=True)
+        return None
+    return round(max(sum(row) for row in sizes) / 2**20, 2) if sizes else None

@@ -15,6 +15,7 @@ All run in one process, after warm-up, interleaved (one step of each in turn, `-
 busy shared CPU slows them alike; we report medians, tokens/s = batch * length / step time, and the
 speedup over torch (its time / ours). Compile (first call) seconds are reported separately. Outputs and
 gradients are checked against torch once per length before timing (max_abs_err_vs_torch).
+`peak_mb`: one step's peak memory in each library's own account (`_common.jax_peak_mb`, `_common.torch_peak_mb`).
 
 `--single-thread` pins the process to one core, runs XLA and torch with one thread each and times with
 the process CPU clock: a measure of work per core that a busy shared machine disturbs far less than
@@ -79,6 +80,7 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _common import jax_peak_mb, torch_peak_mb
     from jaxseq.flash_attention import flash_attention
     from jaxseq.xla_options import compiler_options
 
@@ -143,15 +145,18 @@ def main(argv=None):
                 q, k, v, is_causal=True, implementation="xla"
             )
         options = {name: jaxseq_options if name.startswith("jaxseq") else {} for name in jax_fns}
+        peak_mb = {}
         for name, fn in jax_fns.items():
-            step = jax_step(fn, options[name])
             t0 = clock()
+            step = jax_step(fn, options[name]).lower(q, k, v, g).compile()
             got = jax.block_until_ready(step(q, k, v, g))  # trace + compile + one run
             compile_s[name] = clock() - t0
             max_err[name] = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(got, want))
             steps[name] = lambda step=step: jax.block_until_ready(step(q, k, v, g))
+            peak_mb[name] = jax_peak_mb(step)
         for fn in steps.values():  # one more warm-up call each
             fn()
+        peak_mb["torch-sdpa"] = torch_peak_mb(torch, torch_step, "cpu")  # a profiled step, outside the timing
 
         times = {name: [] for name in steps}
         for _ in range(args.repeats):
@@ -167,7 +172,7 @@ def main(argv=None):
                 "head_dim": d, "single_thread": args.single_thread, "compile_s": round(compile_s[name], 3),
                 "step_ms_median": round(1e3 * med, 2), "step_ms_min": round(1e3 * min(ts), 2),
                 "tokens_per_s": round(B * T / med, 1), "speedup_vs_torch": round(med_torch / med, 3),
-                "max_abs_err_vs_torch": max_err.get(name, 0.0), "repeats": args.repeats,
+                "max_abs_err_vs_torch": max_err.get(name, 0.0), "peak_mb": peak_mb[name], "repeats": args.repeats,
                 "compiler_options": options.get(name, {}),
                 "load_avg": [round(x, 2) for x in os.getloadavg()],
             }  # fmt: skip

@@ -15,7 +15,9 @@ forward, cross-entropy, backward, AdamW update, on random tokens (speed does not
 All run in one process, after warm-up, interleaved (one step of each in turn, `--repeats` rounds), so
 a busy shared CPU slows them alike. Prints one JSON line per implementation: first-call seconds
 (compile for JAX) apart from the median step ms, tokens/s, GFLOP/s with nanoGPT's FLOP count, `mfu`
-(that over the device's measured matmul peak, `_common.measure_peak`) and the speed-up over torch.
+(that over the device's measured matmul peak, `_common.measure_peak`), the speed-up over torch, and
+`peak_mb`, one step's peak memory in each library's own account (`_common.jax_peak_mb`: XLA's plan,
+state and batch included, donated buffers counted once; `_common.torch_peak_mb`: torch's allocator).
 
     python benchmarks/gpt_step.py                 # nanoGPT's small CPU config
     python benchmarks/gpt_step.py --d-model 256 --context 256 --batch 16 \
@@ -51,7 +53,7 @@ from jaxseq.train import init_train_state, make_train_step  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, measure_peak, torch_device  # noqa: E402
+from _common import device_name, jax_peak_mb, measure_peak, torch_device, torch_peak_mb  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- torch nanoGPT
@@ -220,6 +222,13 @@ def main():
     for i in range(args.warmup):
         for run in runners.values():
             run(i)
+    batch0 = {"inputs": jx[0][0], "targets": jx[0][1], "mask": jnp.ones(jx[0][0].shape, bool)}
+    peak_mb = {
+        "jaxseq": jax_peak_mb(jaxseq_step.jitted.lower(box["jaxseq"], batch0).compile()),
+        "flax-plain": jax_peak_mb(plain_step.lower(*box["flax-plain"], *jx[0]).compile()),
+    }
+    if with_torch:  # one profiled step, outside the timed rounds
+        peak_mb["torch-eager"] = torch_peak_mb(torch, lambda: run_torch(0), tdev)
     times = {name: [] for name in runners}
     for i in range(args.repeats):  # interleaved: a busy shared CPU slows all competitors alike
         for name, run in runners.items():
@@ -241,7 +250,7 @@ def main():
             impl=name, compile_or_first_step_s=round(first[name], 3), step_ms=round(1e3 * med, 3),
             step_ms_iqr=[round(1e3 * q, 3) for q in statistics.quantiles(ts, n=4)[::2]],
             tokens_per_s=round(B * T / med, 1), gflops_per_s=round(flops / med / 1e9, 2),
-            mfu=round(flops / med / 1e9 / peak, 4),
+            mfu=round(flops / med / 1e9 / peak, 4), peak_mb=peak_mb[name],
             speedup_vs_torch=round(medians["torch-eager"] / med, 3) if with_torch else None,
             final_loss=round(losses[name], 4), uniform_loss=round(math.log(V), 4), **common,
         ))

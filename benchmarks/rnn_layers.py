@@ -23,7 +23,9 @@ turn for `--repeats` rounds, so a busy shared CPU slows them alike; medians are 
 FLOPs count the matmuls only: forward 2*B*T*(d_in + H)*G*H (G = 4 gates for LSTM, 3 for GRU),
 training 3x that. `frac_peak` divides the achieved FLOP/s by the peak measured in the same run: the
 fastest float32 matmul of jnp and torch at 1024^2 and 2048^2 (`_common.measure_peak`). Each line
-names the device and the load average (the CPU is shared).
+names the device and the load average (the CPU is shared). `peak_mb` is one step's peak memory in each
+library's own account (`_common.jax_peak_mb`: XLA's plan of arguments, outputs and temporaries;
+`_common.torch_peak_mb`: torch's allocator, from its profiler on CPU), inputs and parameters included.
 
     python benchmarks/rnn_layers.py                # full table -> benchmarks/results/cpu.jsonl
     python benchmarks/rnn_layers.py --quick        # hidden 256 only, few repeats (~2 min)
@@ -73,7 +75,7 @@ import jaxseq  # noqa: E402
 from jaxseq.scan import _lax_scan_cell  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, measure_peak, torch_device  # noqa: E402
+from _common import device_name, jax_peak_mb, measure_peak, torch_device, torch_peak_mb  # noqa: E402
 
 if ARGS.threads:
     torch.set_num_threads(ARGS.threads)
@@ -87,7 +89,8 @@ def _block(tree):
 
 
 # ----------------------------------------------------------------------------- competitors
-# Each maker returns (call, compile_s): `call()` runs one step and waits for it.
+# Each maker returns (call, compile_s, peak_mb): `call()` runs one step and waits for it; peak_mb is None
+# where it is measured after warm-up (torch).
 
 
 def _jax_case(apply, params, xs, w, mode):
@@ -101,7 +104,7 @@ def _jax_case(apply, params, xs, w, mode):
     t = time.perf_counter()
     compiled = fn.lower(params, xs).compile()
     compile_s = time.perf_counter() - t
-    return (lambda: _block(compiled(params, xs))), compile_s
+    return (lambda: _block(compiled(params, xs))), compile_s, jax_peak_mb(compiled)
 
 
 def make_jaxseq(kind, hidden, xs, w, mode, fused):
@@ -166,7 +169,7 @@ def make_torch(kind, hidden, xs, w, mode):
                 module(x)
             if dev == "cuda":
                 torch.cuda.synchronize()
-    return call, None
+    return call, None, None
 
 
 def competitors(kind):
@@ -184,21 +187,24 @@ def run_case(kind, hidden, mode, peak):
     names, flax = competitors(kind)
     if ARGS.impls:
         names = [n for n in names if n in ARGS.impls.split(",")]
-    calls, compile_s = {}, {}
+    calls, compile_s, peak_mb = {}, {}, {}
     for name in names:
         if name == "jaxseq":
-            calls[name], compile_s[name] = make_jaxseq(kind, hidden, xs, w, mode, fused=True)
+            made = make_jaxseq(kind, hidden, xs, w, mode, fused=True)
         elif name == "jaxseq-scan":
-            calls[name], compile_s[name] = make_jaxseq(kind, hidden, xs, w, mode, fused=False)
+            made = make_jaxseq(kind, hidden, xs, w, mode, fused=False)
         elif name == "torch":
-            calls[name], compile_s[name] = make_torch(kind, hidden, xs, w, mode)
+            made = make_torch(kind, hidden, xs, w, mode)
         elif name in ("jax-experimental-rnn", "jaxseq-fused"):
-            calls[name], compile_s[name] = make_gpu_lstm(hidden, xs, w, mode, cudnn=name == "jax-experimental-rnn")
+            made = make_gpu_lstm(hidden, xs, w, mode, cudnn=name == "jax-experimental-rnn")
         else:
-            calls[name], compile_s[name] = make_flax(flax[name], hidden, xs, w, mode)
+            made = make_flax(flax[name], hidden, xs, w, mode)
+        calls[name], compile_s[name], peak_mb[name] = made
     for call in calls.values():
         for _ in range(ARGS.warmup):
             call()
+    if "torch" in calls:  # one profiled step, outside the timed rounds
+        peak_mb["torch"] = torch_peak_mb(torch, calls["torch"], torch_device(torch))
     load_before = os.getloadavg()
     wall = {n: [] for n in calls}
     cpu = {n: [] for n in calls}
@@ -229,6 +235,7 @@ def run_case(kind, hidden, mode, peak):
             "gflop_per_s": round(flops / step[name] / 1e9, 2),
             "frac_peak": round(flops / step[name] / 1e9 / peak, 4),
             "peak_gflop_per_s": round(peak, 1),
+            "peak_mb": peak_mb[name],
             "ratio_vs_torch": round(step["torch"] / step[name], 3) if "torch" in step else None,
             "ratio_vs_best_flax": round(flax_best / step[name], 3) if flax_best else None,
             "repeats": ARGS.repeats, "threads": ARGS.threads or "default",

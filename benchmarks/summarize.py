@@ -31,6 +31,12 @@ def k(x: float) -> str:
     return f"{x / 1000:.1f}k"
 
 
+def mb(*rows) -> str:
+    """Peak MiB of each row, "a / b" (rows from before the benchmarks recorded memory: blank)."""
+    vals = [r.get("peak_mb") if r else None for r in rows]
+    return "" if any(v is None for v in vals) else " / ".join(f"{v:.0f}" for v in vals)
+
+
 def rnn_layers(prefix: str) -> str:
     rows = [r for r in load(f"{prefix}-rnn-layers.jsonl") if "impl" in r]
     by_case = defaultdict(dict)
@@ -46,10 +52,10 @@ def rnn_layers(prefix: str) -> str:
             f"{k(best_flax['tokens_per_s'])} ({best_flax['impl'][5:]})" if best_flax else "",
             k(t["tokens_per_s"]), f"**{j['tokens_per_s'] / t['tokens_per_s']:.2f}x**",
             f"{j['tokens_per_s'] / best_flax['tokens_per_s']:.2f}x" if best_flax else "",
-            f"{j['frac_peak']:.0%}",
+            f"{j['frac_peak']:.0%}", mb(j, t),
         ])
     header = ["layer", "hidden", "mode", "jaxseq", "jaxseq plain scan", "best Flax", "PyTorch",
-              "jaxseq / PyTorch", "jaxseq / best Flax", "jaxseq % of peak"]
+              "jaxseq / PyTorch", "jaxseq / best Flax", "jaxseq % of peak", "peak MiB, jaxseq / PyTorch"]
     return table(header, out)
 
 
@@ -64,9 +70,9 @@ def attention(prefix: str, suffix: str = "") -> str:
         f, t, x = impls.get("jaxseq-flash"), impls.get("torch-sdpa"), impls.get("jax-xla")
         out.append([length, k(f["tokens_per_s"]), k(x["tokens_per_s"]) if x else "not run",
                     k(t["tokens_per_s"]), f"**{f['tokens_per_s'] / t['tokens_per_s']:.2f}x**",
-                    f"{f['max_abs_err_vs_torch']:.1e}"])
+                    f"{f['max_abs_err_vs_torch']:.1e}", mb(f, t)])
     header = ["length", "jaxseq (flash)", "jax.nn.dot_product_attention (XLA)", "PyTorch SDPA",
-              "jaxseq / PyTorch", "max abs err vs torch"]
+              "jaxseq / PyTorch", "max abs err vs torch", "peak MiB, jaxseq / PyTorch"]
     return table(header, out)
 
 
@@ -91,8 +97,8 @@ def gpt_step(prefix: str) -> str:
         c = r["config"]
         out.append([f"{c['layers']}L d{c['d_model']} ctx{c['context']} b{c['batch']}", r["impl"],
                     k(r["tokens_per_s"]), r["compile_or_first_step_s"], f"{r['mfu']:.0%}",
-                    f"**{r['speedup_vs_torch']:.2f}x**"])
-    return table(["config", "impl", "tokens/s", "compile / first step s", "% of matmul peak", "vs PyTorch"], out)
+                    f"**{r['speedup_vs_torch']:.2f}x**", mb(r)])
+    return table(["config", "impl", "tokens/s", "compile / first step s", "% of matmul peak", "vs PyTorch", "peak MiB"], out)
 
 
 def main(argv=None):
