@@ -1,15 +1,19 @@
 """Causal self-attention, forward + backward, against sequence length: jaxseq flash vs XLA vs PyTorch SDPA.
 
 One attention op with q, k, v given (no projections): batch 8, 4 heads of 64 (d_model 256), lengths
-256..4096, float32. Each step computes the output and the gradients of sum(out * g) with respect to
+256..4096, float32 (`--dtype bfloat16` for the GPU's fused kernels). Each step computes the output and the gradients of sum(out * g) with respect to
 q, k, v for a fixed random cotangent g (`jax.vjp` / `out.backward(g)`): what one layer costs in training.
 
   * jaxseq-flash: `jaxseq.flash_attention` (blockwise, online softmax, masked half skipped, own backward),
                   jitted with `jaxseq.xla_options.compiler_options` as jaxseq's Transformer steps are
                   (YNNPACK dots on CPU; `--cpu-dots xla` for XLA's defaults)
+  * jaxseq-attention (GPU only): `jaxseq.attention(..., causal=True)`, the library's entry point,
+                  which takes cuDNN's fused kernel when the call is eligible (bfloat16 / float16) and
+                  XLA's otherwise; on CPU it is the flash row above
   * jax-xla:      `jax.nn.dot_product_attention(..., is_causal=True, implementation="xla")`
   * torch-sdpa:   `torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)` (its CPU flash
-                  kernel), inputs in its native [B, H, T, d] layout
+                  kernel; on a GPU backend torch runs on CUDA, or is left out if it has no CUDA), inputs
+                  in its native [B, H, T, d] layout
 
 All run in one process, after warm-up, interleaved (one step of each in turn, `--repeats` rounds) so a
 busy shared CPU slows them alike; we report medians, tokens/s = batch * length / step time, and the
@@ -46,6 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="q, k, v, g and torch's tensors; bfloat16 lets a GPU use its fused kernels")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds per length")
     ap.add_argument("--cpu-dots", default="ynn", choices=("ynn", "xla"),
                     help="jaxseq rows: YNNPACK dots on CPU (as jaxseq's Transformer steps) or XLA's own")
@@ -80,7 +86,8 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _common import jax_peak_mb, torch_peak_mb
+    from _common import device_name, jax_peak_mb, torch_device, torch_peak_mb
+    from jaxseq.attention import attention
     from jaxseq.flash_attention import flash_attention
     from jaxseq.xla_options import compiler_options
 
@@ -89,6 +96,9 @@ def main(argv=None):
     clock = time.process_time if args.single_thread else time.perf_counter
     write = not args.quick and args.flash_variants is None
     B, H, d = args.batch, args.heads, args.head_dim
+    tdev = torch_device(torch)  # "cpu", "cuda", or None: no torch rows (a GPU backend, a CPU-only torch)
+    jdtype, tdtype = (jnp.bfloat16, torch.bfloat16) if args.dtype == "bfloat16" else (jnp.float32, torch.float32)
+    device = device_name()
 
     variants = [("jaxseq-flash", {})]
     if args.flash_variants:
@@ -120,43 +130,48 @@ def main(argv=None):
     for T in args.lengths:
         rng = np.random.RandomState(T)
         qn, kn, vn, gn = (rng.standard_normal((B, T, H, d)).astype(np.float32) for _ in range(4))
-        q, k, v, g = (jnp.asarray(x) for x in (qn, kn, vn, gn))
-        tq, tk, tv, tg = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()) for x in (qn, kn, vn, gn))
-        for t in (tq, tk, tv):
-            t.requires_grad_(True)
-
-        def torch_step():
+        q, k, v, g = (jnp.asarray(x, jdtype) for x in (qn, kn, vn, gn))
+        steps, compile_s, max_err, peak_mb, want = {}, {}, {}, {}, None
+        if tdev:
+            tq, tk, tv, tg = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).to(tdev, tdtype) for x in (qn, kn, vn, gn))
             for t in (tq, tk, tv):
-                t.grad = None
-            out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-            out.backward(tg)
-            return out
+                t.requires_grad_(True)
 
-        steps = {"torch-sdpa": torch_step}
-        compile_s, max_err = {}, {}
-        t0 = clock()
-        ref = torch_step()
-        compile_s["torch-sdpa"] = clock() - t0
-        want = [ref.detach().numpy()] + [t.grad.numpy() for t in (tq, tk, tv)]
-        want = [w.transpose(0, 2, 1, 3) for w in want]
+            def torch_step():
+                for t in (tq, tk, tv):
+                    t.grad = None
+                out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+                out.backward(tg)
+                if tdev == "cuda":
+                    torch.cuda.synchronize()
+                return out
+
+            t0 = clock()
+            ref = torch_step()
+            compile_s["torch-sdpa"], max_err["torch-sdpa"] = clock() - t0, 0.0
+            want = [x.detach().float().cpu().numpy().transpose(0, 2, 1, 3) for x in [ref] + [t.grad for t in (tq, tk, tv)]]
+            steps["torch-sdpa"] = torch_step
         jax_fns = {name: (lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)) for name, kw in variants}
+        if jax.default_backend() == "gpu":  # the entry point: cuDNN's kernel when eligible
+            jax_fns["jaxseq-attention"] = lambda q, k, v: attention(q, k, v, causal=True)
         if not args.no_xla and T <= args.xla_max_len:
             jax_fns["jax-xla"] = lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, implementation="xla"
             )
         options = {name: jaxseq_options if name.startswith("jaxseq") else {} for name in jax_fns}
-        peak_mb = {}
         for name, fn in jax_fns.items():
             t0 = clock()
             step = jax_step(fn, options[name]).lower(q, k, v, g).compile()
             got = jax.block_until_ready(step(q, k, v, g))  # trace + compile + one run
             compile_s[name] = clock() - t0
-            max_err[name] = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(got, want))
+            if want is not None:
+                max_err[name] = max(float(np.max(np.abs(np.asarray(a, np.float32) - b))) for a, b in zip(got, want))
             steps[name] = lambda step=step: jax.block_until_ready(step(q, k, v, g))
             peak_mb[name] = jax_peak_mb(step)
         for fn in steps.values():  # one more warm-up call each
             fn()
-        peak_mb["torch-sdpa"] = torch_peak_mb(torch, torch_step, "cpu")  # a profiled step, outside the timing
+        if tdev:  # a profiled step, outside the timing
+            peak_mb["torch-sdpa"] = torch_peak_mb(torch, torch_step, tdev)
 
         times = {name: [] for name in steps}
         for _ in range(args.repeats):
@@ -164,15 +179,17 @@ def main(argv=None):
                 t0 = clock()
                 fn()
                 times[name].append(clock() - t0)
-        med_torch = statistics.median(times["torch-sdpa"])
+        med_torch = statistics.median(times["torch-sdpa"]) if tdev else None
         for name, ts in times.items():
             med = statistics.median(ts)
             row = {
                 "bench": "attention_causal_fwd_bwd", "impl": name, "batch": B, "length": T, "heads": H,
-                "head_dim": d, "single_thread": args.single_thread, "compile_s": round(compile_s[name], 3),
+                "head_dim": d, "dtype": args.dtype, "device": device, "single_thread": args.single_thread,
+                "compile_s": round(compile_s[name], 3),
                 "step_ms_median": round(1e3 * med, 2), "step_ms_min": round(1e3 * min(ts), 2),
-                "tokens_per_s": round(B * T / med, 1), "speedup_vs_torch": round(med_torch / med, 3),
-                "max_abs_err_vs_torch": max_err.get(name, 0.0), "peak_mb": peak_mb[name], "repeats": args.repeats,
+                "tokens_per_s": round(B * T / med, 1),
+                "speedup_vs_torch": round(med_torch / med, 3) if med_torch else None,
+                "max_abs_err_vs_torch": max_err.get(name), "peak_mb": peak_mb[name], "repeats": args.repeats,
                 "compiler_options": options.get(name, {}),
                 "load_avg": [round(x, 2) for x in os.getloadavg()],
             }  # fmt: skip
@@ -181,7 +198,8 @@ def main(argv=None):
 
     if write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = "cpu-attention-1thread" if args.single_thread else "cpu-attention"
+        stem = ("cpu" if jax.default_backend() == "cpu" else "gpu") + "-attention"
+        stem += ("-bf16" if args.dtype == "bfloat16" else "") + ("-1thread" if args.single_thread else "")
         out = Path(args.out) if args.out else RESULTS / f"{stem}.jsonl"
         with open(out, "w") as f:
             for row in [header] + rows:
@@ -203,7 +221,9 @@ def plot(rows, path, single_thread):
         rs = [r for r in rows if r["impl"] == name]
         ax.plot([r["length"] for r in rs], [1e6 / r["tokens_per_s"] for r in rs], marker="o", label=name)
     r0 = rows[0]
-    where = "1 core, CPU time" if single_thread else "2-core CPU, wall time"
+    on_cpu = r0.get("device", "cpu").startswith("cpu")
+    where = "1 core, CPU time" if single_thread else f"{os.cpu_count()}-core CPU, wall time" if on_cpu else r0["device"]
+    where += ", bfloat16" if r0.get("dtype") == "bfloat16" else ""
     ax.set(
         xscale="log", yscale="log", xlabel="sequence length", ylabel="microseconds per token (fwd + bwd)",
         title=f"causal attention, batch {r0['batch']}, {r0['heads']} heads x {r0['head_dim']}, {where}",
