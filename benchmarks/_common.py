@@ -67,6 +67,31 @@ def measure_peak(sizes=(1024, 2048), repeats=7, dtype=jnp.float32) -> float:
     return best
 
 
+# ------------------------------------------------------------------------------------------ timing
+
+
+def timed_rounds(calls: dict, rounds: int, clocks=(time.perf_counter,), lead_in: int = 1) -> list[dict]:
+    """Time every `calls[name]()` `rounds` times, the implementations interleaved: in each round each one
+    runs `lead_in` untimed calls, then one timed call. Returns, per clock, {name: [seconds per call]}.
+
+    Interleaving makes a busy shared machine slow every competitor alike. The untimed call in front is
+    there because a library's worker threads keep spinning for a while after its call returns: a call
+    timed right after another library's pays for that library's threads (a 4.4 ms jaxseq GRU call took
+    5.1 ms right after a PyTorch call on 2 cores, whose OpenMP threads spin ~0.5 ms), while a call after
+    its own library's finds that library's threads awake, as in a training loop.
+    """
+    out = [{name: [] for name in calls} for _ in clocks]
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(lead_in):
+                call()
+            start = [clock() for clock in clocks]
+            call()
+            for times, clock, t0 in zip(out, clocks, start):
+                times[name].append(clock() - t0)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ memory
 # Each library's own account of one step's peak, in MiB: the arrays the step reads (parameters,
 # inputs, optimizer state), the ones it returns, and its temporaries at their high point.

@@ -15,8 +15,9 @@ q, k, v for a fixed random cotangent g (`jax.vjp` / `out.backward(g)`): what one
                   kernel; on a GPU backend torch runs on CUDA, or is left out if it has no CUDA), inputs
                   in its native [B, H, T, d] layout
 
-All run in one process, after warm-up, interleaved (one step of each in turn, `--repeats` rounds) so a
-busy shared CPU slows them alike; we report medians, tokens/s = batch * length / step time, and the
+All run in one process, after warm-up, interleaved (each in turn, `--repeats` rounds; every timed step
+follows an untimed one of the same implementation, `_common.timed_rounds`) so a busy shared CPU slows
+them alike; we report medians, tokens/s = batch * length / step time, and the
 speedup over torch (its time / ours). Compile (first call) seconds are reported separately. Outputs and
 gradients are checked against torch once per length before timing (max_abs_err_vs_torch).
 `peak_mb`: one step's peak memory in each library's own account (`_common.jax_peak_mb`, `_common.torch_peak_mb`).
@@ -86,7 +87,7 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _common import device_name, jax_peak_mb, torch_device, torch_peak_mb
+    from _common import device_name, jax_peak_mb, timed_rounds, torch_device, torch_peak_mb
     from jaxseq.attention import attention
     from jaxseq.flash_attention import flash_attention
     from jaxseq.xla_options import compiler_options
@@ -173,12 +174,7 @@ def main(argv=None):
         if tdev:  # a profiled step, outside the timing
             peak_mb["torch-sdpa"] = torch_peak_mb(torch, torch_step, tdev)
 
-        times = {name: [] for name in steps}
-        for _ in range(args.repeats):
-            for name, fn in steps.items():
-                t0 = clock()
-                fn()
-                times[name].append(clock() - t0)
+        (times,) = timed_rounds(steps, args.repeats, clocks=(clock,))
         med_torch = statistics.median(times["torch-sdpa"]) if tdev else None
         for name, ts in times.items():
             med = statistics.median(ts)

@@ -12,9 +12,10 @@ forward, cross-entropy, backward, AdamW update, on random tokens (speed does not
   * torch-eager:  nanoGPT's model (F.scaled_dot_product_attention, is_causal=True) + torch.optim.AdamW,
                   eager, torch.set_num_threads(--torch-threads, default os.cpu_count()).
 
-All run in one process, after warm-up, interleaved (one step of each in turn, `--repeats` rounds), so
-a busy shared CPU slows them alike. Prints one JSON line per implementation: first-call seconds
-(compile for JAX) apart from the median step ms, tokens/s, GFLOP/s with nanoGPT's FLOP count, `mfu`
+All run in one process, after warm-up, interleaved (each in turn, `--repeats` rounds, every timed step
+right after an untimed one of its own: `_common.timed_rounds`), so a busy shared CPU slows them alike.
+Prints one JSON line per implementation: first-call seconds (compile for JAX) apart from the median
+step ms, tokens/s, GFLOP/s with nanoGPT's FLOP count, `mfu`
 (that over the device's measured matmul peak, `_common.measure_peak`), the speed-up over torch, and
 `peak_mb`, one step's peak memory in each library's own account (`_common.jax_peak_mb`: XLA's plan,
 state and batch included, donated buffers counted once; `_common.torch_peak_mb`: torch's allocator).
@@ -53,7 +54,7 @@ from jaxseq.train import init_train_state, make_train_step  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, jax_peak_mb, measure_peak, torch_device, torch_peak_mb  # noqa: E402
+from _common import device_name, jax_peak_mb, measure_peak, timed_rounds, torch_device, torch_peak_mb  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- torch nanoGPT
@@ -229,12 +230,17 @@ def main():
     }
     if with_torch:  # one profiled step, outside the timed rounds
         peak_mb["torch-eager"] = torch_peak_mb(torch, lambda: run_torch(0), tdev)
-    times = {name: [] for name in runners}
-    for i in range(args.repeats):  # interleaved: a busy shared CPU slows all competitors alike
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            losses[name] = run(i)
-            times[name].append(time.perf_counter() - t0)
+    # Interleaved (a busy shared CPU slows all competitors alike), each timed step after an untimed one
+    # of its own (`_common.timed_rounds`); every call takes the next of the 4 batches.
+    counters = {name: iter(range(10**9)) for name in runners}
+
+    def stepper(name, run):
+        def call():
+            losses[name] = run(next(counters[name]))
+
+        return call
+
+    (times,) = timed_rounds({name: stepper(name, run) for name, run in runners.items()}, args.repeats)
 
     flops = flops_per_step(n_params, L, D, T, B)
     config = dict(layers=L, heads=H, d_model=D, d_ff=4 * D, context=T, batch=B, vocab=V, params=n_params,

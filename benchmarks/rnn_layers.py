@@ -17,8 +17,10 @@ One layer, batch 32, length 128, input 128, hidden 64 / 256 / 512, float32, on t
 Modes: `train` = forward + backward of loss = sum(outputs * W) with W a fixed random [B, T, H]
 array, gradients of every parameter and of the input; `infer` = forward only (torch under
 `inference_mode`). JAX functions are jitted once (compile seconds reported apart); every
-competitor is warmed up, then all of a case's competitors run in one process, one call each in
-turn for `--repeats` rounds, so a busy shared CPU slows them alike; medians are reported.
+competitor is warmed up, then all of a case's competitors run in one process, in turn for `--repeats`
+rounds, each timed call right after an untimed call of its own (`_common.timed_rounds`: another
+library's spinning threads would otherwise slow it), so a busy shared CPU slows them alike; medians
+are reported.
 
 FLOPs count the matmuls only: forward 2*B*T*(d_in + H)*G*H (G = 4 gates for LSTM, 3 for GRU),
 training 3x that. `frac_peak` divides the achieved FLOP/s by the peak measured in the same run: the
@@ -27,7 +29,8 @@ names the device and the load average (the CPU is shared). `peak_mb` is one step
 library's own account (`_common.jax_peak_mb`: XLA's plan of arguments, outputs and temporaries;
 `_common.torch_peak_mb`: torch's allocator, from its profiler on CPU), inputs and parameters included.
 
-    python benchmarks/rnn_layers.py                # full table -> benchmarks/results/cpu.jsonl
+    python benchmarks/rnn_layers.py                # full table -> benchmarks/results/cpu.jsonl (+ .png)
+    python benchmarks/rnn_layers.py --replot benchmarks/results/cpu-rnn-layers.jsonl   # the plot only
     python benchmarks/rnn_layers.py --quick        # hidden 256 only, few repeats (~2 min)
     python benchmarks/rnn_layers.py --threads 1    # one thread for XLA and torch (less noise)
 """
@@ -57,6 +60,7 @@ def _parse():
     p.add_argument("--threads", type=int, default=0, help="0: libraries' defaults; N: XLA and torch on N threads")
     p.add_argument("--impls", default="", help="comma list to run a subset (names as in the output)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu.jsonl"))
+    p.add_argument("--replot", default=None, metavar="JSONL", help="only redraw the plot (.png beside it) of a results file")
     return p.parse_args()
 
 
@@ -75,7 +79,7 @@ import jaxseq  # noqa: E402
 from jaxseq.scan import _lax_scan_cell  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, jax_peak_mb, measure_peak, torch_device, torch_peak_mb  # noqa: E402
+from _common import device_name, jax_peak_mb, measure_peak, timed_rounds, torch_device, torch_peak_mb  # noqa: E402
 
 if ARGS.threads:
     torch.set_num_threads(ARGS.threads)
@@ -206,14 +210,7 @@ def run_case(kind, hidden, mode, peak):
     if "torch" in calls:  # one profiled step, outside the timed rounds
         peak_mb["torch"] = torch_peak_mb(torch, calls["torch"], torch_device(torch))
     load_before = os.getloadavg()
-    wall = {n: [] for n in calls}
-    cpu = {n: [] for n in calls}
-    for _ in range(ARGS.repeats):
-        for name, call in calls.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            call()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+    wall, cpu = timed_rounds(calls, ARGS.repeats, clocks=(time.perf_counter, time.process_time))
     load_after = os.getloadavg()
 
     gates = 4 if kind == "lstm" else 3
@@ -248,7 +245,46 @@ def run_case(kind, hidden, mode, peak):
     return rows
 
 
+def plot(rows, path):
+    """Bars per (layer, hidden): each implementation's speed relative to PyTorch (the dashed line at 1),
+    training and inference side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = [r for r in rows if r.get("ratio_vs_torch")]
+    if not rows:
+        return
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    impls = [n for n in dict.fromkeys(r["impl"] for r in rows) if n != "torch"]
+    ratio = {(r["layer"], r["hidden"], r["mode"], r["impl"]): r["ratio_vs_torch"] for r in rows}
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.4), squeeze=False, sharey=True)
+    width = 0.8 / len(impls)
+    for ax, mode in zip(axes[0], modes):
+        cases = list(dict.fromkeys((r["layer"], r["hidden"]) for r in rows if r["mode"] == mode))
+        for i, impl in enumerate(impls):
+            xs = [c + (i + 0.5) * width - 0.4 for c in range(len(cases))]
+            ax.bar(xs, [ratio.get((layer, h, mode, impl), float("nan")) for layer, h in cases], width, label=impl)
+        ax.axhline(1.0, color="k", lw=1, ls="--")
+        ax.set_xticks(range(len(cases)), [f"{layer.upper()} {h}" for layer, h in cases])
+        ax.set(title=mode, ylabel="tokens/s relative to PyTorch (dashed: PyTorch)")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"one RNN layer, batch {r0['batch']}, length {r0['length']}, input {r0['d_in']}, float32, {r0['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main():
+    if ARGS.replot:
+        plot([json.loads(line) for line in open(ARGS.replot) if line.strip()], Path(ARGS.replot).with_suffix(".png"))
+        return
     if ARGS.quick:
         ARGS.hidden, ARGS.repeats, ARGS.warmup = "256", 5, 1
     peak = measure_peak()
@@ -265,6 +301,7 @@ def main():
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"wrote {len(rows)} lines to {out}", file=sys.stderr)
+    plot(rows, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

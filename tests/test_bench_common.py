@@ -1,4 +1,4 @@
-"""benchmarks/_common.py: the peak memory each benchmark row reports, for JAX (XLA's plan) and torch."""
+"""benchmarks/_common.py: the peak memory each benchmark row reports (JAX: XLA's plan; torch: its allocator), and the timing rounds."""
 
 import sys
 from pathlib import Path
@@ -42,3 +42,13 @@ def test_torch_peak_on_cpu_sees_a_temporary_and_the_inputs():
     peak = torch_peak_mb(torch, call, "cpu")
     assert peak is not None, "torch's profiler gave no memory timeline"
     assert 9.0 <= peak < 11.0
+
+
+def test_timed_rounds_interleaves_and_times_only_the_call_after_its_own():
+    from _common import timed_rounds
+
+    log = []
+    calls = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    (times,) = timed_rounds(calls, rounds=2, clocks=(lambda: len(log),), lead_in=1)
+    assert log == ["a", "a", "b", "b"] * 2  # each timed call right after an untimed one of its own
+    assert times == {"a": [1, 1], "b": [1, 1]}  # a window holds exactly one call
