@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -76,9 +77,9 @@ def timed_rounds(calls: dict, rounds: int, clocks=(time.perf_counter,), lead_in:
 
     Interleaving makes a busy shared machine slow every competitor alike. The untimed call in front is
     there because a library's worker threads keep spinning for a while after its call returns: a call
-    timed right after another library's pays for that library's threads (a 4.4 ms jaxseq GRU call took
-    5.1 ms right after a PyTorch call on 2 cores, whose OpenMP threads spin ~0.5 ms), while a call after
-    its own library's finds that library's threads awake, as in a training loop.
+    timed right after another library's pays for that library's threads (on 2 cores a 4.4 ms jaxseq GRU
+    call took 5.1 ms right after a PyTorch call, whose OpenMP threads spin on), while a call after its
+    own library's finds that library's threads awake, as in a training loop.
     """
     out = [{name: [] for name in calls} for _ in clocks]
     for _ in range(rounds):
@@ -136,9 +137,8 @@ def torch_peak_mb(torch, call, device: str) -> float | None:
             warnings.simplefilter("ignore", FutureWarning)
             path = os.path.join(tmp, "timeline.json")
             prof.export_memory_timeline(path, device="cpu")
-            import json
-
-            _, sizes = json.load(open(path))  # [times], [[bytes per category] per time]
+            with open(path) as f:
+                _, sizes = json.load(f)  # [times], [[bytes per category] per time]
     except Exception as err:  # an API change must not cost the timing run; the row says why
         print(f"torch_peak_mb: no CPU memory timeline ({type(err).__name__}: {err})", flush=True)
         return None
