@@ -1,8 +1,9 @@
 """Causal self-attention, forward + backward, against sequence length: jaxseq flash vs XLA vs PyTorch SDPA.
 
 One attention op with q, k, v given (no projections): batch 8, 4 heads of 64 (d_model 256), lengths
-256..4096, float32 (`--dtype bfloat16` for the GPU's fused kernels). Each step computes the output and the gradients of sum(out * g) with respect to
-q, k, v for a fixed random cotangent g (`jax.vjp` / `out.backward(g)`): what one layer costs in training.
+256..4096, float32 (`--dtype bfloat16` for the GPU's fused kernels). Each step computes the output and
+the gradients of sum(out * g) with respect to q, k, v for a fixed random cotangent g (`jax.vjp` /
+`out.backward(g)`): what one layer costs in training.
 
   * jaxseq-flash: `jaxseq.flash_attention` (blockwise, online softmax, masked half skipped, own backward),
                   jitted with `jaxseq.xla_options.compiler_options` as jaxseq's Transformer steps are
@@ -17,10 +18,10 @@ q, k, v for a fixed random cotangent g (`jax.vjp` / `out.backward(g)`): what one
 
 All run in one process, after warm-up, interleaved (each in turn, `--repeats` rounds; every timed step
 follows an untimed one of the same implementation, `_common.timed_rounds`) so a busy shared CPU slows
-them alike; we report medians, tokens/s = batch * length / step time, and the
-speedup over torch (its time / ours). Compile (first call) seconds are reported separately. Outputs and
-gradients are checked against torch once per length before timing (max_abs_err_vs_torch).
-`peak_mb`: one step's peak memory in each library's own account (`_common.jax_peak_mb`, `_common.torch_peak_mb`).
+them alike; we report medians, tokens/s = batch * length / step time, and the speedup over torch (its
+time / ours). Compile (first call) seconds are reported separately. Outputs and gradients are checked
+against torch once per length before timing (max_abs_err_vs_torch). `peak_mb`: one step's peak memory
+in each library's own account (`_common.jax_peak_mb`, `_common.torch_peak_mb`).
 
 `--single-thread` pins the process to one core, runs XLA and torch with one thread each and times with
 the process CPU clock: a measure of work per core that a busy shared machine disturbs far less than
