@@ -16,8 +16,9 @@ All run in one process, after warm-up, interleaved (each in turn, `--repeats` ro
 right after an untimed one of its own: `_common.timed_rounds`), so a busy shared CPU slows them alike.
 Prints one JSON line per implementation: first-call seconds (compile for JAX) apart from the median
 step ms, tokens/s, GFLOP/s with nanoGPT's FLOP count, `mfu` (that over the device's measured matmul
-peak, `_common.measure_peak`), the speed-up over torch, and `peak_mb`, one step's peak memory in each library's own account (`_common.jax_peak_mb`: XLA's plan,
-state and batch included, donated buffers counted once; `_common.torch_peak_mb`: torch's allocator).
+peak, `_common.measure_peak`), the speed-up over torch, and `peak_mb`, one step's peak memory in each
+library's own account (`_common.jax_peak_mb`: XLA's plan, state and batch included, donated buffers
+counted once; `_common.torch_peak_mb`: torch's allocator).
 
     python benchmarks/gpt_step.py                 # nanoGPT's small CPU config
     python benchmarks/gpt_step.py --d-model 256 --context 256 --batch 16 \
