@@ -22,15 +22,25 @@ from jaxseq.config import TrainConfig
 class SampleArgs:
     """Generate text from a trained run directory (it holds config, tokenizer and weights)."""
 
+    # Each field's description is the string below it (tyro's --help); see jaxseq/config.py.
     run_dir: tyro.conf.Positional[str]
+    """The run directory `jaxseq train` wrote."""
     prompt: str = "\n"
+    """Text to continue (at least one character; the default is a newline)."""
     max_new_tokens: int = 400
+    """Tokens to generate after the prompt."""
     temperature: float = 0.8
+    """Softmax temperature; 0 = greedy (argmax)."""
     top_k: int | None = None
+    """Sample only among the k most likely tokens."""
     top_p: float | None = None
+    """Nucleus sampling: only among the most likely tokens whose probabilities sum to p."""
     num_samples: int = 1
-    beam: int = 0  # > 0: beam search with this many beams (prints the best one per prompt)
+    """Independent samples of the same prompt."""
+    beam: int = 0
+    """> 0: beam search with this many beams instead of sampling (prints the best beam per prompt)."""
     seed: int = 0
+    """Seed of the sampling."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,11 @@ class EvalArgs:
     """Validation loss of a trained run on its own data split (or on --source)."""
 
     run_dir: tyro.conf.Positional[str]
+    """The run directory `jaxseq train` wrote."""
     source: str | None = None
-    max_batches: int = 0  # 0: the whole validation split
+    """Evaluate on the validation split of this text instead (as --data.source); None: the run's own."""
+    max_batches: int = 0
+    """Validation batches to evaluate; 0: the whole validation split."""
 
 
 def train_command(config: TrainConfig) -> dict:

@@ -21,28 +21,43 @@ MODEL_KINDS = ("ngram", "additive", "rnn", "lstm", "gru", "transformer", "mingru
 ModelKind = Literal["ngram", "additive", "rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "lru"]
 
 
+# Each field's description is the string right below it: tyro shows it in `jaxseq train --help`. (Comments
+# above a field are not safe there: tyro also gives them to the undescribed fields that follow.) tyro keeps
+# the line breaks of these strings, so each line ends where a sentence or clause does.
+
+
 @dataclass(frozen=True)
 class RNNConfig:
     """Embedding -> stacked recurrent cells -> softmax. Used by --model rnn|lstm|gru (and the linear cells)."""
 
     d_embed: int = 64
+    """Width of the token embedding, the first layer's input."""
     d_hidden: int = 512
+    """Hidden size of each recurrent layer (the LRU's state size; its layers keep the width d_embed)."""
     num_layers: int = 1
+    """Recurrent layers, stacked."""
     dropout: float = 0.0
+    """Dropout between stacked layers, in training only."""
     residual: bool = False
-    nonlinearity: Literal["tanh", "relu"] = "tanh"  # Elman only
+    """A residual connection around each layer whose input and output widths match.
+    (Linear cells: the papers' pre-norm block.)"""
+    nonlinearity: Literal["tanh", "relu"] = "tanh"
+    """The Elman cell's activation (--model rnn only)."""
 
 
 @dataclass(frozen=True)
 class NGramConfig:
     """Count-based n-gram with add-k smoothing, interpolated with all lower orders."""
 
-    # Measured on tinyshakespeare (val nats/char): order 8 with add_k 0.001 gives 1.605;
-    # add_k 0.1 stalls at 1.699 (6.5 pseudo-counts per context drown the high orders).
     order: int = 7
+    """n: the longest context is the last n - 1 tokens."""
     add_k: float = 0.001
-    # Interpolation weights are fitted on held-out training text unless given ("" = fit).
+    """Pseudo-count added at every order.
+    Measured on tinyshakespeare (val nats/char): order 8 with add_k 0.001 gives 1.605;
+    add_k 0.1 stalls at 1.699 (6.5 pseudo-counts per context drown the high orders)."""
     lambdas: str = ""
+    """Interpolation weights of orders 1..n, comma-separated and summing to 1, e.g. "0.1,0.3,0.6".
+    "" fits them on held-out training text."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +65,11 @@ class AdditiveConfig:
     """The order-blind bag-of-context model: softmax(W @ reduce(embed(x_<t)))."""
 
     d_embed: int = 256
+    """Width of the token embedding."""
     reduce: Literal["sum", "mean"] = "mean"
-    d_hidden: int = 0  # > 0: a tanh hidden layer between the context vector and the softmax
+    """How the embeddings of the tokens before t are combined."""
+    d_hidden: int = 0
+    """> 0: a tanh hidden layer of this width between the context vector and the softmax."""
 
 
 @dataclass(frozen=True)
@@ -59,28 +77,41 @@ class TransformerConfig:
     """GPT-style pre-LayerNorm decoder."""
 
     num_layers: int = 4
+    """Transformer blocks."""
     num_heads: int = 4
+    """Attention (query) heads; d_model must be a multiple."""
     d_model: int = 128
+    """Width of the residual stream."""
     d_ff: int = 512
+    """Width of each block's MLP."""
     max_len: int = 256
+    """Longest context the model takes (the size of learned positions)."""
     dropout: float = 0.0
+    """Dropout on the embeddings and both residual branches, in training only."""
     positional: Literal["learned", "sinusoidal", "rope"] = "learned"
+    """Position encoding: learned or sinusoidal embeddings added to the tokens', or rotary (RoPE)."""
     tie_embeddings: bool = True
-    # Key/value heads: None = num_heads (multi-head), 1 = multi-query, a divisor of num_heads = grouped-query.
+    """Share the token embedding with the output projection."""
     num_kv_heads: int | None = None
+    """Key/value heads: None = num_heads (multi-head), 1 = multi-query, a divisor of num_heads = grouped-query."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where text comes from and how it is cut into batches."""
 
-    # "stdlib" (built from Python's own docstrings, always present), a local file or
-    # folder of .txt files, or a Hugging Face hub dataset name (needs the hub cache or network).
     source: str = "stdlib"
+    """"stdlib" (built from Python's own docstrings, always present),
+    a local file or folder of .txt files,
+    or a Hugging Face hub dataset name (needs the hub cache or network)."""
     text_column: str = "text"
+    """The column that holds the text, for a hub dataset."""
     val_fraction: float = 0.1
+    """The last part of the text held out for validation, as a fraction."""
     seq_len: int = 128
+    """Tokens per training sequence."""
     batch_size: int = 32
+    """Sequences per step (the global batch, split over the mesh's data axis)."""
 
 
 @dataclass(frozen=True)
@@ -88,12 +119,19 @@ class OptimConfig:
     """AdamW with linear warm-up and cosine decay, gradient clipping by global norm."""
 
     lr: float = 3e-3
+    """Peak learning rate, reached at the end of the warm-up."""
     min_lr_ratio: float = 0.1
+    """The learning rate at the last step, as a fraction of lr (in [0, 1])."""
     warmup_steps: int = 100
+    """Steps of linear warm-up."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay, applied to matrices only (not to biases or norm scales)."""
     grad_clip: float = 1.0
+    """Clip gradients to this global norm; <= 0 turns clipping off."""
     b1: float = 0.9
+    """Adam's first-moment decay."""
     b2: float = 0.99
+    """Adam's second-moment decay."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +139,9 @@ class MeshConfig:
     """Device mesh: `--mesh.data 8`, `--mesh.fsdp 2`; -1 fills with the devices there are."""
 
     data: int = -1
+    """Devices along the data-parallel axis (-1: all the devices the fsdp axis leaves)."""
     fsdp: int = 1
+    """Devices along the axis that shards parameters and optimizer state (FSDP)."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +150,11 @@ class DistributedConfig:
     JAXSEQ_PROCESS_ID, then to no distribution (one process)."""
 
     coordinator: str = ""
+    """host:port of process 0's coordination service."""
     num_processes: int = 0
+    """Processes in the run (0: from the environment, else one)."""
     process_id: int = -1
+    """This process's index, 0..num_processes-1 (-1: from the environment)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +162,7 @@ class TrainConfig:
     """One training run. The defaults train a character LSTM on the stdlib corpus in a few minutes on 2 cores."""
 
     model: ModelKind = "lstm"
+    """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*) sets its size."""
     rnn: RNNConfig = field(default_factory=RNNConfig)
     ngram: NGramConfig = field(default_factory=NGramConfig)
     additive: AdditiveConfig = field(default_factory=AdditiveConfig)
@@ -127,24 +171,36 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
-    # Mixed precision: parameters and optimizer state stay float32 (so checkpoints do not depend on it and it
-    # is not part of the architecture); "bfloat16" runs the forward/backward in bfloat16, logits and loss float32.
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    # Which library runs the matmuls on CPU (ignored elsewhere): "auto" = YNNPACK for the Transformers, whose
-    # per-head matmuls XLA's own emitter runs on one thread, XLA's defaults for the rest (jaxseq.xla_options).
+    """Mixed precision. Parameters and optimizer state stay float32, so checkpoints do not depend on it.
+    "bfloat16" runs the forward and backward in bfloat16, with float32 logits and loss."""
     cpu_dots: CpuDots = "auto"
+    """Which library runs the matmuls on CPU (ignored elsewhere; see jaxseq.xla_options).
+    "auto": YNNPACK for the Transformers, whose per-head matmuls XLA's own emitter runs on one thread;
+    XLA's defaults for the rest."""
     steps: int = 1500
+    """Optimizer steps in the whole run (a resumed run continues to this total)."""
     eval_every: int = 250
+    """Steps between evaluations on the validation text."""
     eval_batches: int = 16
+    """Validation batches per evaluation."""
     checkpoint_every: int = 250
+    """Steps between checkpoints (one is also saved at the end, and on SIGTERM / SIGINT)."""
     keep_checkpoints: int = 3
+    """Checkpoints kept in run_dir; older ones are deleted."""
     max_nonfinite_steps: int = 5
+    """Stop with an error after this many steps in a row whose loss or gradient norm was not finite.
+    (Such a step changes nothing; 0 never stops.)"""
     seed: int = 0
+    """Seed of the initialisation, the data order and dropout."""
     run_dir: str = "runs/default"
+    """Where checkpoints, metrics and the config are written."""
     resume: bool = False
-    # Stop after this many seconds of training (0 = no limit); checkpoints and evaluates first.
+    """Continue the run in run_dir from its last checkpoint (a run is never overwritten without it)."""
     time_limit_s: float = 0.0
+    """Stop after this many seconds of training (0 = no limit); checkpoints and evaluates first."""
     progress: bool = True
+    """Show a progress bar."""
 
 
 def model_section(config: TrainConfig):
