@@ -121,7 +121,8 @@ def env_for(tmp: Path, **extra) -> dict:
     corpus.write_text(TEXT)
     # A size limit turns on JAX's file lock around cache reads and writes: processes running at the same
     # time then never read an entry another one is half-way through writing.
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+    # PYTHONFAULTHANDLER: a child that hangs prints every thread's stack on SIGABRT (see `finish`).
+    env.update(JAX_PLATFORMS="cpu", PYTHONFAULTHANDLER="1", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30),
                JAXSEQ_CACHE=str(tmp / "jaxseq_cache"), **extra)
     return env
@@ -141,8 +142,13 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> tuple[int
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{proc.args} did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+        # Once in a CI run (2026-12-01) a child hung in its step-10 save; the stacks say where, next time.
+        proc.send_signal(signal.SIGABRT)  # the faulthandler prints every thread's stack, then the child dies
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise AssertionError(f"{proc.args} did not finish in {timeout} s:\n{log.read_text()[-12000:]}")
     return rc, log.read_text()
 
 
