@@ -30,6 +30,7 @@ counted once; `_common.torch_peak_mb`: torch's allocator).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -232,7 +233,7 @@ def main():
         peak_mb["torch-eager"] = torch_peak_mb(torch, lambda: run_torch(0), tdev)
     # Interleaved (a busy shared CPU slows all competitors alike), each timed step after an untimed one
     # of its own (`_common.timed_rounds`); every call takes the next of the 4 batches.
-    counters = {name: iter(range(10**9)) for name in runners}
+    counters = {name: itertools.count() for name in runners}
 
     def stepper(name, run):
         def call():

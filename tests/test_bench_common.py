@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import jax_peak_mb, torch_peak_mb  # noqa: E402
+from _common import jax_peak_mb, timed_rounds, torch_peak_mb  # noqa: E402
 
 MiB = 2**20
 
@@ -45,8 +45,6 @@ def test_torch_peak_on_cpu_sees_a_temporary_and_the_inputs():
 
 
 def test_timed_rounds_interleaves_and_times_only_the_call_after_its_own():
-    from _common import timed_rounds
-
     log = []
     calls = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
     (times,) = timed_rounds(calls, rounds=2, clocks=(lambda: len(log),), lead_in=1)
