@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the device's name and its measured float32 matmul peak."""
+"""What the benchmark scripts share: the device's name, its matmul peaks, timing and peak memory."""
 
 from __future__ import annotations
 
@@ -37,13 +37,38 @@ def device_name() -> str:
     return f"{dev.platform}: {dev.device_kind}"
 
 
-def measure_peak(sizes=(1024, 2048), repeats=7, dtype=jnp.float32) -> float:
+# Dense (no sparsity) matmul peaks from NVIDIA's datasheets, TFLOP/s, for MFU as papers report it
+# (PaLM's definition: achieved model FLOP/s over the hardware's peak). float32 is the TF32 tensor-core
+# peak, which XLA and cuDNN use for float32 matmuls at JAX's default precision.
+DATASHEET_TFLOPS = {
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
+    "H100": {"bfloat16": 989.4, "float32": 494.7},  # SXM; the H200 has the same compute
+    "H200": {"bfloat16": 989.4, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+}
+
+
+def datasheet_peak_gflops(device_kind: str, dtype: str) -> float | None:
+    """The datasheet peak for a GPU's `device_kind` (e.g. 'NVIDIA H100 80GB HBM3') and 'bfloat16' /
+    'float32', in GFLOP/s; None for a device not in `DATASHEET_TFLOPS` (CPUs among them)."""
+    for name, peaks in DATASHEET_TFLOPS.items():  # "H100 PCIe" before "H100": first match wins
+        if name in device_kind:
+            return 1e3 * peaks[dtype]
+    return None
+
+
+def measure_peak(sizes=None, repeats=7, dtype=jnp.float32) -> float:
     """The best matmul GFLOP/s this device reaches: fastest of `repeats` square jnp matmuls of each size.
+
+    sizes: default (1024, 2048) on CPU and (4096, 8192) on an accelerator, whose smaller products are
+    too short to reach its peak.
 
     The fastest run, not the median: a peak is what the hardware can do, and a shared machine only
     ever makes a run slower. With torch installed, its matmul counts too (oneDNN can beat XLA's
     Eigen on CPU), so `frac_peak` never flatters one library by using the other's slower GEMM.
     """
+    if sizes is None:
+        sizes = (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192)
     best = 0.0
     for n in sizes:
         a = jnp.ones((n, n), dtype)
