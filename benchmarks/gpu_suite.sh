@@ -23,6 +23,8 @@ OUT=${OUT:-benchmarks/results/gpu-run}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# JAX takes 75% of GPU memory at start by default; PyTorch runs in the same processes
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
 PY=${PYTHON:-python3}
 BUDGET=${GPU_SUITE_BUDGET_S:-480}
 SMOKE=${GPU_SUITE_SMOKE:-0}
