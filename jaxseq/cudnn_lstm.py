@@ -4,8 +4,9 @@
 it runs cuDNN's fused LSTM when, at run time, every row's mask is a prefix (valid steps first, as
 cuDNN's per-row sequence lengths express) and no reset occurs; otherwise it runs jaxseq's own fused
 recurrence (`jaxseq.fused_rnn.lstm_sequence`). The two are one `lax.cond`, so the choice costs
-nothing at trace time and a masked or reset batch still gets exact jaxseq semantics. On CPU and TPU
-it is always jaxseq's own path.
+nothing at trace time and a masked or reset batch still gets exact jaxseq semantics. On CPU the
+dispatch takes jaxseq's native kernels (`jaxseq.native_lstm`) when they are built and the call is
+eligible, jaxseq's XLA path otherwise; on TPU always the XLA path.
 
 cuDNN's LSTM is jaxseq's: gate order i, f, g, o, two biases, sigmoid / tanh. Only the weight layout
 differs: cuDNN takes one flat vector (W_ih [4H, d_in], W_hh [4H, H], b_ih, b_hh, see
@@ -69,9 +70,13 @@ def lstm_cudnn(params, xs, mask, carry0, kernel=None):
 
 
 def lstm_sequence_dispatch(params, xs, mask, carry0, resets, unroll=1):
-    """`jaxseq.fused_rnn.lstm_sequence`, on cuDNN when `cudnn_available` and (at run time) `cudnn_expresses`."""
+    """`jaxseq.fused_rnn.lstm_sequence`, on cuDNN when `cudnn_available` and (at run time) `cudnn_expresses`,
+    on jaxseq's native CPU kernels when `jaxseq.native_lstm.native_eligible`, and in XLA otherwise."""
     from jaxseq.fused_rnn import lstm_sequence
+    from jaxseq.native_lstm import lstm_sequence_native, native_eligible
 
+    if native_eligible(params, xs):
+        return lstm_sequence_native(params, xs, mask, carry0, resets)
     if not cudnn_available(xs, params):
         return lstm_sequence(params, xs, mask, carry0, resets, unroll)
     return lax.cond(

@@ -1,0 +1,100 @@
+"""jaxseq's native CPU kernels: C++ compiled on first use, loaded and registered as XLA FFI targets.
+
+`lstm_cpu.cc` holds the LSTM's recurrent loops for x86-64 CPUs with AVX-512 (see its header for why
+and what they compute). It is compiled the first time a process asks for it, with the C++ compiler
+in `$CXX` (default `g++`) against the XLA FFI headers that jaxlib ships, into a cache folder
+(`$JAXSEQ_CACHE_DIR`, default `~/.cache/jaxseq`) under a name that hashes the source, the flags and
+the jaxlib version, so later processes load it in milliseconds. Nothing here is needed: when the CPU
+lacks AVX-512, no compiler is found, the build fails or `JAXSEQ_NATIVE=0` is set, `available()` is
+False (the reason is in `unavailable_reason()`) and jaxseq runs its XLA path, with the same numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+
+SOURCE = Path(__file__).with_name("lstm_cpu.cc")
+# Explicit ISA flags rather than -march=native: the library may be built on one machine of a cluster
+# and loaded on another; `_cpu_supported` checks these features before anything is loaded.
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512dq", "-mfma", "-mavx2", "-pthread"]
+TARGETS = {"jaxseq_lstm_fwd": "JaxseqLstmFwd", "jaxseq_lstm_infer": "JaxseqLstmInfer", "jaxseq_lstm_bwd": "JaxseqLstmBwd"}
+_REASON: list[str] = []
+
+
+def _cpu_supported() -> str | None:
+    """None when this CPU runs the kernels, else why not."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"the native kernels are built for x86-64 Linux (this is {platform.system()} {platform.machine()})"
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "could not read the CPU's flags from /proc/cpuinfo"
+    missing = [f for f in ("avx512f", "avx512dq", "fma", "avx2") if f not in flags]
+    return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("JAXSEQ_CACHE_DIR") or Path.home() / ".cache" / "jaxseq") / "native"
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCE (once per source, flags and jaxlib version) and return the library's path."""
+    import jaxlib
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"lstm_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(out, target)  # atomic: a process building beside this one finds a whole file or none
+    return target
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("JAXSEQ_NATIVE", "1") == "0":
+        _REASON.append("JAXSEQ_NATIVE=0 is set")
+        return None
+    if (why := _cpu_supported()) is not None:
+        _REASON.append(why)
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        _REASON.append(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+        for name, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA path
+        _REASON.append(f"building or loading {SOURCE.name} failed: {e}")
+        warnings.warn(f"jaxseq: native LSTM kernel unavailable, using the XLA path ({_REASON[-1][:300]})", stacklevel=3)
+        return None
+    return lib
+
+
+def available() -> bool:
+    """True when the native CPU kernels are built, loaded and registered (builds them on first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True)."""
+    return None if available() else _REASON[-1]

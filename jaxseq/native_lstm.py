@@ -1,0 +1,126 @@
+"""The LSTM on the native CPU kernels (`jaxseq/native/lstm_cpu.cc`): the two recurrent loops as XLA FFI
+custom calls, the large matmuls around them in XLA.
+
+Same semantics and signature as `jaxseq.fused_rnn.lstm_sequence` (masks, resets, carry0, gradients
+of params, xs and carry0), which it replaces on CPU when `native_eligible` holds; the XLA path is the
+reference it is tested against (tests/test_native_lstm.py).
+
+The kernels take the gate columns in "panel order" (panel p = the i, f, g, o columns of hidden units
+8p..8p+7), so W_ih, W_hh and the bias are permuted once per call (a gather of the parameters, not
+of the activations), the projection `x W_ih` comes out in that order, and the weight gradients are
+permuted back.
+
+Forward (training): xp = x W_ih[:, perm] (XLA) -> kernel -> ys, activated gates (over xp's buffer),
+the carries entering each step, the final carry. Backward: kernel over the gates (turned into gate
+cotangents dz in place) -> dh0, dc0; then dW_hh = H_prev^T dz, dW_ih = X^T dz, db = sum dz and
+dX = dz W_ih^T in XLA, as the fused path does after its loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseq import native
+
+
+@functools.cache
+def _perm(hidden: int) -> tuple[np.ndarray, np.ndarray]:
+    """Panel order -> jaxseq's column order (i, f, g, o blocks of H), and its inverse."""
+    q = np.arange(4 * hidden)
+    p, gate, unit = q // 32, (q % 32) // 8, q % 8
+    perm = gate * hidden + 8 * p + unit
+    return perm, np.argsort(perm)
+
+
+def native_eligible(params, xs, mask=None) -> bool:
+    """Static conditions for the native path: the CPU backend with one device (a sharded program keeps
+    the XLA path, which XLA can partition), float32, hidden a multiple of 32, and the kernels built."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1 or xs.ndim != 3:
+        return False
+    if any(a.dtype != jnp.float32 for a in (xs, params["w_ih"], params["w_hh"], params["b_ih"], params["b_hh"])):
+        return False
+    return params["w_hh"].shape[0] % 32 == 0 and xs.shape[0] > 0 and xs.shape[1] > 0 and native.available()
+
+
+def _prepare(params):
+    """W_ih [D, 4H] and the summed bias [4H] with their columns in panel order (the kernels pack W_hh
+    themselves, and the inference kernel W_ih too)."""
+    perm, _ = _perm(params["w_hh"].shape[0])
+    return params["w_ih"][:, perm], (params["b_ih"] + params["b_hh"])[perm]
+
+
+def _project(xs, w_ih):
+    """x W_ih as [B * T, 4H], the dot's own shape. Layout assignment puts a copy before an aliased
+    custom-call operand, which XLA then removes, unless, as after a reshape to [B, T, 4H], the fusion
+    pass has fused it with the reshape first: that 16 MB copy also took the step's temporaries past
+    glibc's 32 MB mmap threshold, so they faulted in afresh every call (~12k faults)."""
+    b, t, d = xs.shape
+    return xs.reshape(b * t, d) @ w_ih
+
+
+def _call(target, outs, *args, aliases=None):
+    return jax.ffi.ffi_call(target, outs, vmap_method="sequential", input_output_aliases=aliases or {})(*args)
+
+
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+@jax.custom_vjp
+def _lstm(params, xs, mask, carry0, resets):
+    _, bias = _prepare(params)
+    b, t, _ = xs.shape
+    hidden = params["w_hh"].shape[0]
+    ys, h, c = _call("jaxseq_lstm_infer", (_f32(b, t, hidden), _f32(b, hidden), _f32(b, hidden)),
+                     xs, params["w_ih"], bias, params["w_hh"], *carry0, mask, resets)
+    return ys, (h, c)
+
+
+def _lstm_fwd(params, xs, mask, carry0, resets):
+    w_ih, bias = _prepare(params)
+    w_hh = params["w_hh"]
+    b, t, _ = xs.shape
+    hidden = w_hh.shape[0]
+    outs = (_f32(b, t, hidden), _f32(b * t, 4 * hidden), _f32(b, t, hidden), _f32(b, t, hidden),
+            _f32(b, hidden), _f32(b, hidden))
+    ys, gates, hs, cs, h, c = _call("jaxseq_lstm_fwd", outs, _project(xs, w_ih), bias, w_hh, *carry0, mask, resets,
+                                    aliases={0: 1})
+    return (ys, (h, c)), (xs, w_ih, w_hh, gates, hs, cs, mask, resets)
+
+
+def _lstm_bwd(res, cts):
+    xs, w_ih, w_hh, gates, hs, cs, mask, resets = res
+    dys, (dh, dc) = cts
+    b, t, d = xs.shape
+    hidden = hs.shape[-1]
+    dz, dh0, dc0 = _call("jaxseq_lstm_bwd", (_f32(b * t, 4 * hidden), _f32(b, hidden), _f32(b, hidden)),
+                         gates, cs, w_hh, mask, resets, dys, dh, dc, aliases={0: 0})
+    _, inv = _perm(hidden)
+    db = jnp.sum(dz, axis=0)[inv]
+    grads = {
+        "w_ih": (xs.reshape(b * t, d).T @ dz)[:, inv],
+        "w_hh": (hs.reshape(b * t, hidden).T @ dz)[:, inv],
+        "b_ih": db,
+        "b_hh": db,
+    }
+    dxs = (dz @ w_ih.T).reshape(b, t, d)
+    return grads, dxs, None, (dh0, dc0), None
+
+
+_lstm.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+def lstm_sequence_native(params, xs, mask, carry0, resets):
+    """`jaxseq.fused_rnn.lstm_sequence` on the native kernels (check `native_eligible` first).
+
+    xs [B, T, d_in]; mask, resets [B, T] bool; carry0 (h, c) [B, H] each.
+    Returns ys [B, T, H] (0 on masked steps) and the final (h, c).
+    """
+    if not native.available():
+        raise RuntimeError(f"jaxseq's native LSTM kernels are unavailable: {native.unavailable_reason()}")
+    carry0 = tuple(jnp.asarray(a, jnp.float32) for a in carry0)
+    return _lstm(params, xs, mask.astype(bool), carry0, resets.astype(bool))
