@@ -9,10 +9,11 @@ One layer, batch 32, length 128, input 128, hidden 64 / 256 / 512, float32, on t
   * flax-*:          `flax.linen.RNN(OptimizedLSTMCell | LSTMCell | GRUCell)`.
   * torch:           `torch.nn.LSTM` / `torch.nn.GRU` (batch_first, CPU, oneDNN where PyTorch uses
                      it), eager, `torch.set_num_threads` left at its default unless --threads is given.
+  * jaxseq-fused (LSTM): jaxseq's fused recurrence in XLA, without the dispatch that the `jaxseq`
+                     row goes through: cuDNN on a GPU (`jaxseq.cudnn_lstm`), jaxseq's native kernels
+                     on CPU (`jaxseq.native_lstm`; the row is there when they are built).
   * GPU only (LSTM): `jax-experimental-rnn`, JAX's cuDNN LSTM (`rnn.lstm` on jaxseq's packed
-                     weights, `jaxseq.cudnn_lstm.lstm_cudnn`), and `jaxseq-fused`,
-                     jaxseq's own fused recurrence without the cuDNN dispatch (the `jaxseq` row
-                     takes cuDNN there, `jaxseq.cudnn_lstm`).
+                     weights, `jaxseq.cudnn_lstm.lstm_cudnn`).
 
 Modes: `train` = forward + backward of loss = sum(outputs * W) with W a fixed random [B, T, H]
 array, gradients of every parameter and of the input; `infer` = forward only (torch under
@@ -76,6 +77,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxseq  # noqa: E402
+from jaxseq import native  # noqa: E402
 from jaxseq.scan import _lax_scan_cell  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,8 +128,8 @@ def make_jaxseq(kind, hidden, xs, w, mode, fused):
     return _jax_case(apply, params, xs, w, mode)
 
 
-def make_gpu_lstm(hidden, xs, w, mode, cudnn):
-    """jax.experimental.rnn's cuDNN LSTM (cudnn=True) or jaxseq's fused path with the dispatch bypassed."""
+def make_undispatched_lstm(hidden, xs, w, mode, cudnn):
+    """jax.experimental.rnn's cuDNN LSTM (cudnn=True, GPU) or jaxseq's fused XLA path without the dispatch."""
     from jax.experimental import rnn
 
     from jaxseq.cudnn_lstm import lstm_cudnn
@@ -180,8 +182,10 @@ def competitors(kind):
     both = {"jaxseq": None, "jaxseq-scan": None}
     flax = {"flax-optimized-lstm": fnn.OptimizedLSTMCell, "flax-lstm": fnn.LSTMCell} if kind == "lstm" else {
         "flax-gru": fnn.GRUCell}
-    gpu = ["jax-experimental-rnn", "jaxseq-fused"] if kind == "lstm" and jax.default_backend() == "gpu" else []
-    return list(both) + gpu + list(flax) + (["torch"] if torch_device(torch) else []), flax
+    gpu = ["jax-experimental-rnn"] if kind == "lstm" and jax.default_backend() == "gpu" else []
+    # the `jaxseq` row dispatches (cuDNN on a GPU, the native kernels on CPU); this is the XLA path
+    fused = ["jaxseq-fused"] if kind == "lstm" and (gpu or native.available()) else []
+    return list(both) + gpu + fused + list(flax) + (["torch"] if torch_device(torch) else []), flax
 
 
 def run_case(kind, hidden, mode, peak):
@@ -200,7 +204,7 @@ def run_case(kind, hidden, mode, peak):
         elif name == "torch":
             made = make_torch(kind, hidden, xs, w, mode)
         elif name in ("jax-experimental-rnn", "jaxseq-fused"):
-            made = make_gpu_lstm(hidden, xs, w, mode, cudnn=name == "jax-experimental-rnn")
+            made = make_undispatched_lstm(hidden, xs, w, mode, cudnn=name == "jax-experimental-rnn")
         else:
             made = make_flax(flax[name], hidden, xs, w, mode)
         calls[name], compile_s[name], peak_mb[name] = made

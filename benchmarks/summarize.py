@@ -48,13 +48,15 @@ def rnn_layers(prefix: str) -> str:
         flax = {n: r for n, r in impls.items() if n.startswith("flax")}
         best_flax = max(flax.values(), key=lambda r: r["tokens_per_s"]) if flax else None
         out.append([
-            layer, hidden, mode, k(j["tokens_per_s"]), k(impls["jaxseq-scan"]["tokens_per_s"]),
+            layer, hidden, mode, k(j["tokens_per_s"]),
+            k(impls["jaxseq-fused"]["tokens_per_s"]) if "jaxseq-fused" in impls else "",
+            k(impls["jaxseq-scan"]["tokens_per_s"]),
             f"{k(best_flax['tokens_per_s'])} ({best_flax['impl'][5:]})" if best_flax else "",
             k(t["tokens_per_s"]), f"**{j['tokens_per_s'] / t['tokens_per_s']:.2f}x**",
             f"{j['tokens_per_s'] / best_flax['tokens_per_s']:.2f}x" if best_flax else "",
             f"{j['frac_peak']:.0%}", mb(j, t),
         ])
-    header = ["layer", "hidden", "mode", "jaxseq", "jaxseq plain scan", "best Flax", "PyTorch",
+    header = ["layer", "hidden", "mode", "jaxseq", "jaxseq XLA path", "jaxseq plain scan", "best Flax", "PyTorch",
               "jaxseq / PyTorch", "jaxseq / best Flax", "jaxseq % of peak", "peak MiB, jaxseq / PyTorch"]
     return table(header, out)
 

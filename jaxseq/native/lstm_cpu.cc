@@ -43,7 +43,7 @@ namespace {
 constexpr int kMR = 8;  // rows of a matmul tile; 8 x 32 outputs = 16 zmm accumulators
 
 // tanh as XLA:CPU and Eigen compute it: a 13/6 rational approximation on [-7.9, 7.9] (float32 to a
-// few ulp; 2.7e-7 absolute error measured on [-12, 12]), the identity below 4e-4.
+// few ulp; 3.2e-7 absolute error measured on [-12, 12]), the identity below 4e-4.
 inline __m512 tanh_ps(__m512 x) {
   const __m512 clamp = _mm512_set1_ps(7.90531110763549805f);
   const __m512 xc = _mm512_max_ps(_mm512_min_ps(x, clamp), _mm512_sub_ps(_mm512_setzero_ps(), clamp));
@@ -61,7 +61,11 @@ inline __m512 tanh_ps(__m512 x) {
   q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.26843463243900e-03f));
   q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(4.89352518554385e-03f));
   const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(0.0004f), _CMP_LT_OQ);
-  return _mm512_mask_mov_ps(_mm512_div_ps(p, q), tiny, x);
+  // p / q as p * (1 / q) with the reciprocal estimate refined by one Newton step: 5.4 ulp at most
+  // against 4.7 for a division, and the training step 4-10% faster (measured; divisions are slow).
+  __m512 r = _mm512_rcp14_ps(q);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));
+  return _mm512_mask_mov_ps(_mm512_mul_ps(p, r), tiny, x);
 }
 
 inline __m256 tanh8(__m256 x) { return _mm512_castps512_ps256(tanh_ps(_mm512_castps256_ps512(x))); }
