@@ -150,7 +150,12 @@ class Barrier {
       count_.store(0, std::memory_order_relaxed);
       gen_.fetch_add(1, std::memory_order_release);
     } else {
-      while (gen_.load(std::memory_order_acquire) == gen) _mm_pause();
+      // Spin (a step is ~100 us, a futex wake-up costs tens), but yield now and then: a thread of
+      // this call that the OS has descheduled must get the core back.
+      for (int spins = 1; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+        _mm_pause();
+        if (spins % 4096 == 0) std::this_thread::yield();
+      }
     }
   }
 
