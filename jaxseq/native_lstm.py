@@ -1,19 +1,17 @@
 """The LSTM on the native CPU kernels (`jaxseq/native/lstm_cpu.cc`): the two recurrent loops as XLA FFI
-custom calls, the large matmuls around them in XLA.
+custom calls, the large matmuls after the backward loop in XLA.
 
 Same semantics and signature as `jaxseq.fused_rnn.lstm_sequence` (masks, resets, carry0, gradients
 of params, xs and carry0), which it replaces on CPU when `native_eligible` holds; the XLA path is the
 reference it is tested against (tests/test_native_lstm.py).
 
-The kernels take the gate columns in "panel order" (panel p = the i, f, g, o columns of hidden units
-8p..8p+7), so W_ih, W_hh and the bias are permuted once per call (a gather of the parameters, not
-of the activations), the projection `x W_ih` comes out in that order, and the weight gradients are
-permuted back.
-
-Forward (training): xp = x W_ih[:, perm] (XLA) -> kernel -> ys, activated gates (over xp's buffer),
-the carries entering each step, the final carry. Backward: kernel over the gates (turned into gate
-cotangents dz in place) -> dh0, dc0; then dW_hh = H_prev^T dz, dW_ih = X^T dz, db = sum dz and
-dX = dz W_ih^T in XLA, as the fused path does after its loop.
+Forward: the kernel computes each step's [h | x_t] [W_hh; W_ih] with the cell in the matmul's epilogue
+and returns ys, the activated gates, the carries entering each step and the final carry. Backward:
+the kernel turns the gates into the gate cotangents dz in place and returns dh0, dc0; then
+dW_hh = H_prev^T dz, dW_ih = X^T dz, db = sum dz and dX = dz W_ih^T are large matmuls in XLA, as in
+the fused path. The kernels keep the gate columns in "panel order" (panel p = the i, f, g, o columns
+of hidden units 8p..8p+7, so a tile's epilogue holds whole cells): they pack the weights that way
+themselves, the bias is permuted here, and dz's columns are permuted back in the weight gradients.
 """
 
 from __future__ import annotations
@@ -26,6 +24,9 @@ import numpy as np
 
 from jaxseq import native
 
+# The FFI targets' prefix, read at trace time (a benchmark can register a variant build under another).
+TARGET_PREFIX = "jaxseq"
+
 
 @functools.cache
 def _perm(hidden: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +37,7 @@ def _perm(hidden: int) -> tuple[np.ndarray, np.ndarray]:
     return perm, np.argsort(perm)
 
 
-def native_eligible(params, xs, mask=None) -> bool:
+def native_eligible(params, xs) -> bool:
     """Static conditions for the native path: the CPU backend with one device (a sharded program keeps
     the XLA path, which XLA can partition), float32, hidden a multiple of 32, and the kernels built."""
     if jax.default_backend() != "cpu" or jax.device_count() != 1 or xs.ndim != 3:
@@ -44,26 +45,6 @@ def native_eligible(params, xs, mask=None) -> bool:
     if any(a.dtype != jnp.float32 for a in (xs, params["w_ih"], params["w_hh"], params["b_ih"], params["b_hh"])):
         return False
     return params["w_hh"].shape[0] % 32 == 0 and xs.shape[0] > 0 and xs.shape[1] > 0 and native.available()
-
-
-def _prepare(params):
-    """W_ih [D, 4H] and the summed bias [4H] with their columns in panel order (the kernels pack W_hh
-    themselves, and the inference kernel W_ih too)."""
-    perm, _ = _perm(params["w_hh"].shape[0])
-    return params["w_ih"][:, perm], (params["b_ih"] + params["b_hh"])[perm]
-
-
-def _project(xs, w_ih):
-    """x W_ih as [B * T, 4H], the dot's own shape. Layout assignment puts a copy before an aliased
-    custom-call operand, which XLA then removes, unless, as after a reshape to [B, T, 4H], the fusion
-    pass has fused it with the reshape first: that 16 MB copy also took the step's temporaries past
-    glibc's 32 MB mmap threshold, so they faulted in afresh every call (~12k faults)."""
-    b, t, d = xs.shape
-    return xs.reshape(b * t, d) @ w_ih
-
-
-# The FFI targets' prefix, read at trace time (benchmarks register a variant build under another).
-TARGET_PREFIX = "jaxseq"
 
 
 def _call(target, outs, *args, aliases=None):
@@ -75,36 +56,35 @@ def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-@jax.custom_vjp
-def _lstm(params, xs, mask, carry0, resets):
-    _, bias = _prepare(params)
+def _forward(params, xs, mask, carry0, resets, training):
     b, t, _ = xs.shape
     hidden = params["w_hh"].shape[0]
-    ys, h, c = _call("jaxseq_lstm_infer", (_f32(b, t, hidden), _f32(b, hidden), _f32(b, hidden)),
-                     xs, params["w_ih"], bias, params["w_hh"], *carry0, mask, resets)
+    bias = (params["b_ih"] + params["b_hh"])[_perm(hidden)[0]]
+    state = (_f32(b, t, hidden),) + ((_f32(b * t, 4 * hidden), _f32(b, t, hidden), _f32(b, t, hidden)) if training else ())
+    outs = state + (_f32(b, hidden), _f32(b, hidden))
+    target = "jaxseq_lstm_fwd" if training else "jaxseq_lstm_infer"
+    return _call(target, outs, xs, params["w_ih"], bias, params["w_hh"], *carry0, mask, resets)
+
+
+@jax.custom_vjp
+def _lstm(params, xs, mask, carry0, resets):
+    ys, h, c = _forward(params, xs, mask, carry0, resets, training=False)
     return ys, (h, c)
 
 
 def _lstm_fwd(params, xs, mask, carry0, resets):
-    w_ih, bias = _prepare(params)
-    w_hh = params["w_hh"]
-    b, t, _ = xs.shape
-    hidden = w_hh.shape[0]
-    outs = (_f32(b, t, hidden), _f32(b * t, 4 * hidden), _f32(b, t, hidden), _f32(b, t, hidden),
-            _f32(b, hidden), _f32(b, hidden))
-    ys, gates, hs, cs, h, c = _call("jaxseq_lstm_fwd", outs, _project(xs, w_ih), bias, w_hh, *carry0, mask, resets,
-                                    aliases={0: 1})
-    return (ys, (h, c)), (xs, w_ih, w_hh, gates, hs, cs, mask, resets)
+    ys, gates, hs, cs, h, c = _forward(params, xs, mask, carry0, resets, training=True)
+    return (ys, (h, c)), (params, xs, gates, hs, cs, mask, resets)
 
 
 def _lstm_bwd(res, cts):
-    xs, w_ih, w_hh, gates, hs, cs, mask, resets = res
+    params, xs, gates, hs, cs, mask, resets = res
     dys, (dh, dc) = cts
     b, t, d = xs.shape
     hidden = hs.shape[-1]
     dz, dh0, dc0 = _call("jaxseq_lstm_bwd", (_f32(b * t, 4 * hidden), _f32(b, hidden), _f32(b, hidden)),
-                         gates, cs, w_hh, mask, resets, dys, dh, dc, aliases={0: 0})
-    _, inv = _perm(hidden)
+                         gates, cs, params["w_hh"], mask, resets, dys, dh, dc, aliases={0: 0})  # dz over the gates
+    perm, inv = _perm(hidden)
     db = jnp.sum(dz, axis=0)[inv]
     grads = {
         "w_ih": (xs.reshape(b * t, d).T @ dz)[:, inv],
@@ -112,7 +92,7 @@ def _lstm_bwd(res, cts):
         "b_ih": db,
         "b_hh": db,
     }
-    dxs = (dz @ w_ih.T).reshape(b, t, d)
+    dxs = (dz @ params["w_ih"][:, perm].T).reshape(b, t, d)
     return grads, dxs, None, (dh0, dc0), None
 
 

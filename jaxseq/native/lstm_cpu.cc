@@ -3,20 +3,20 @@
 // Why: in XLA:CPU each step of jaxseq's fused loop is ~12 ops that XLA dispatches one after another,
 // with the per-step matmul handed to a library and its second thread joining late; the loops ran at
 // ~245 us a step against ~105 us for oneDNN's (benchmarks/README.md, RNN attempts 15-26). Here each
-// step is one matmul kernel whose epilogue is the LSTM cell, split over threads by hidden units, with
-// one barrier per step. The large matmuls before and after the loops stay in XLA.
+// step is one matmul kernel ([h_t-1 | x_t] [W_hh; W_ih]) whose epilogue is the LSTM cell, split over
+// threads by hidden units, with one barrier per step. The weight-gradient and input-gradient matmuls
+// after the backward loop stay in XLA.
 //
 // Layout: batch-major, float32. Gate columns are in "panel order": panel p holds the 32 columns
 // [i, f, g, o] x units 8p..8p+7, so the epilogue of a 8-row x 32-column tile has every gate of 8
 // units and updates their cell in registers. jaxseq/native_lstm.py permutes the weights to match.
 //
 //   jaxseq_lstm_fwd (training):
-//     xp [B * T, 4H] (x W_ih, panel order, no bias), bias [4H] (panel order), w_hh [H, 4H] (jaxseq's
-//     order, packed into panels by each call), h0, c0 [B, H], mask, resets [B, T] (pred)
-//     -> ys [B, T, H], gates [B * T, 4H] (activated; aliases xp), hs, cs [B, T, H] (the carry entering
-//        each step, after resets), hT, cT [B, H]
-//   jaxseq_lstm_infer: x [B, T, D], w_ih [D, 4H] (jaxseq's order), bias, w_hh, h0, c0, mask, resets
-//     -> ys, hT, cT
+//     x [B, T, D], w_ih [D, 4H], bias [4H] (panel order), w_hh [H, 4H], h0, c0 [B, H], mask, resets
+//     [B, T] (pred); the weights in jaxseq's order, packed into panels by each call
+//     -> ys [B, T, H], gates [B * T, 4H] (activated), hs, cs [B, T, H] (the carry entering each step,
+//        after resets), hT, cT [B, H]
+//   jaxseq_lstm_infer: the same inputs -> ys, hT, cT
 //   jaxseq_lstm_bwd:
 //     gates, cs, w_hh [H, 4H] (jaxseq's order), mask, resets, dys [B, T, H], dhT, dcT [B, H]
 //     -> dz [B * T, 4H] (gate pre-activation cotangents; aliases gates), dh0, dc0 [B, H]
@@ -33,6 +33,7 @@
 #include <string>
 #include <thread>
 #include <vector>
+#include <sys/mman.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -195,14 +196,22 @@ ffi::Error dims(const ffi::Buffer<ffi::PRED>& mask, const ffi::Buffer<ffi::F32>&
   return ffi::Error::Success();
 }
 
+// Asks the kernel for 2 MB pages over the 2 MB-aligned part of [p, p + bytes). The training outputs
+// are large (the gates alone are 33.5 MB at hidden 512, batch 32, length 128), and XLA's temporaries
+// past glibc's 32 MB mmap threshold are mapped afresh on every call, so each 4 KB page faulted in
+// as it was first written: 2 MB pages took the training step at hidden 512 from 212.6 to 191.5 ms
+// (and 205.2 -> 185.4 ms in another run). A no-op where transparent huge pages are off.
+void advise_huge(void* p, int64_t bytes) {
+  const uintptr_t huge = uintptr_t{1} << 21, a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (a + huge - 1) & ~(huge - 1), hi = (a + bytes) & ~(huge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+}
+
 // ------------------------------------------------------------------------------------ forward
 
 struct Forward {
-  // gate pre-activations: xp [B * T, 4H] (x W_ih in panel order, computed before), or x [B, T, D] and
-  // w_ih [D, 4H] in jaxseq's order
-  const float* xp;
-  const float* x;
-  const float* w_ih;
+  const float* x;  // [B, T, D]
+  const float* w_ih;  // [D, 4H] in jaxseq's order (packed into panels here)
   int64_t D;
   const float* bias;  // [4H], panel order
   const float *w_hh, *h0, *c0;  // w_hh [H, 4H] in jaxseq's order (packed into panels here)
@@ -225,12 +234,18 @@ void forward(Dims d, const Forward& a) {
   const __m512 a_go = _mm512_insertf32x8(_mm512_set1_ps(1.0f), _mm256_set1_ps(0.5f), 1);
   const __m512 b_go = _mm512_insertf32x8(_mm512_setzero_ps(), _mm256_set1_ps(0.5f), 1);
 
+  if (a.gates != nullptr) {
+    advise_huge(a.gates, B * T * G * 4);
+    advise_huge(a.hs, B * T * H * 4);
+    advise_huge(a.cs, B * T * H * 4);
+  }
+  advise_huge(a.ys, B * T * H * 4);
   run_threads(n, [&](int tid) {
     const int64_t u0 = (H / 32) * tid / n * 32, u1 = (H / 32) * (tid + 1) / n * 32;  // this thread's units
     const int64_t p0 = u0 / 8, p1 = u1 / 8;  // and its panels
-    std::vector<float> w_hh((p1 - p0) * H * 32), w_ih(a.x != nullptr ? (p1 - p0) * a.D * 32 : 0);
+    std::vector<float> w_hh((p1 - p0) * H * 32), w_ih((p1 - p0) * a.D * 32);
     pack_panels(a.w_hh, H, H, p0, p1, w_hh.data());
-    if (a.x != nullptr) pack_panels(a.w_ih, a.D, H, p0, p1, w_ih.data());
+    pack_panels(a.w_ih, a.D, H, p0, p1, w_ih.data());
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = u0; j < u1; ++j) hbuf[b * ldh + j] = a.h0[b * H + j], c[b * H + j] = a.c0[b * H + j];
     barrier.wait();
@@ -247,11 +262,7 @@ void forward(Dims d, const Forward& a) {
           const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
           auto cell = [&](int r, __m512 acc0, __m512 acc1) {
             const int64_t b = r0 + r, bt = b * T + t;
-            __m512 z0 = _mm512_add_ps(acc0, bias0), z1 = _mm512_add_ps(acc1, bias1);
-            if (a.xp != nullptr) {
-              z0 = _mm512_add_ps(z0, _mm512_loadu_ps(a.xp + bt * G + p * 32));
-              z1 = _mm512_add_ps(z1, _mm512_loadu_ps(a.xp + bt * G + p * 32 + 16));
-            }
+            const __m512 z0 = _mm512_add_ps(acc0, bias0), z1 = _mm512_add_ps(acc1, bias1);
             const __m512 i_f = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(z0, half)), half, half);
             const __m512 g_o = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(z1, a_go)), a_go, b_go);
             if (a.gates != nullptr) {
@@ -276,7 +287,7 @@ void forward(Dims d, const Forward& a) {
             _mm256_storeu_ps(cb, c_next);
           };
           const Seg rec{cur + r0 * ldh, ldh, w_hh.data() + (p - p0) * H * 32, 32, H};
-          const Seg inp{a.x + (r0 * T + t) * a.D, T * a.D, w_ih.data() + (p - p0) * a.D * 32, 32, a.x != nullptr ? a.D : 0};
+          const Seg inp{a.x + (r0 * T + t) * a.D, T * a.D, w_ih.data() + (p - p0) * a.D * 32, 32, a.D};
           tile_rows(rows, rec, inp, cell);
         }
       }
@@ -288,24 +299,28 @@ void forward(Dims d, const Forward& a) {
   });
 }
 
-// Training: xp [B * T, 4H] projected by XLA (one large matmul), gates written over it (aliased).
-ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
-                       ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
-                       ffi::Buffer<ffi::PRED> resets, ffi::ResultBuffer<ffi::F32> ys,
-                       ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> hs,
-                       ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hT,
-                       ffi::ResultBuffer<ffi::F32> cT) {
+// Training. The input projection x_t W_ih is part of each step's matmul (K = H + D), as in inference:
+// measured against one XLA matmul for all steps before the kernel, training ran 10% faster at hidden
+// 64-256 and level at 512 (that matmul's library threads kept spinning beside the kernel's).
+ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+                        ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                        ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> resets, ffi::ResultBuffer<ffi::F32> ys,
+                        ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> hs,
+                        ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hT,
+                        ffi::ResultBuffer<ffi::F32> cT) {
   Dims d;
   if (auto e = dims(mask, w_hh, &d); e.failure()) return e;
-  if (xp.element_count() != d.B * d.T * 4 * d.H) return ffi::Error::InvalidArgument("jaxseq LSTM kernel: xp must be [B * T, 4H]");
-  forward(d, Forward{xp.typed_data(), nullptr, nullptr, 0, bias.typed_data(), w_hh.typed_data(), h0.typed_data(),
-                     c0.typed_data(), mask.typed_data(), resets.typed_data(), ys->typed_data(), gates->typed_data(),
-                     hs->typed_data(), cs->typed_data(), hT->typed_data(), cT->typed_data()});
+  auto xd = x.dimensions();
+  if (xd.size() != 3 || xd[0] != d.B || xd[1] != d.T || w_ih.element_count() != xd[2] * 4 * d.H)
+    return ffi::Error::InvalidArgument("jaxseq LSTM kernel: x must be [B, T, D] and W_ih [D, 4H]");
+  forward(d, Forward{x.typed_data(), w_ih.typed_data(), xd[2], bias.typed_data(), w_hh.typed_data(),
+                     h0.typed_data(), c0.typed_data(), mask.typed_data(), resets.typed_data(), ys->typed_data(),
+                     gates->typed_data(), hs->typed_data(), cs->typed_data(), hT->typed_data(), cT->typed_data()});
   return ffi::Error::Success();
 }
 
-// Inference: the projection inside the step's matmul (nothing to save, and no XLA matmul right
-// before the kernel, whose library threads kept spinning beside it: 31.7 against 22.1 ms, measured).
+// Inference: the same with nothing saved (at hidden 256, 22 ms against 32 ms with XLA's projection
+// matmul before the kernel, measured).
 ffi::Error LstmInferImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
                          ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                          ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> resets, ffi::ResultBuffer<ffi::F32> ys,
@@ -315,7 +330,7 @@ ffi::Error LstmInferImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih, ff
   auto xd = x.dimensions();
   if (xd.size() != 3 || xd[0] != d.B || xd[1] != d.T || w_ih.element_count() != xd[2] * 4 * d.H)
     return ffi::Error::InvalidArgument("jaxseq LSTM kernel: x must be [B, T, D] and W_ih [D, 4H]");
-  forward(d, Forward{nullptr, x.typed_data(), w_ih.typed_data(), xd[2], bias.typed_data(), w_hh.typed_data(),
+  forward(d, Forward{x.typed_data(), w_ih.typed_data(), xd[2], bias.typed_data(), w_hh.typed_data(),
                      h0.typed_data(), c0.typed_data(), mask.typed_data(), resets.typed_data(), ys->typed_data(),
                      nullptr, nullptr, nullptr, hT->typed_data(), cT->typed_data()});
   return ffi::Error::Success();
@@ -430,7 +445,7 @@ using Out = ffi::ResultBuffer<ffi::F32>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmFwd, LstmFwdImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<Pred>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<Pred>()
                                   .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmInfer, LstmInferImpl,
