@@ -3,7 +3,8 @@
 One layer, batch 32, length 128, input 128, hidden 64 / 256 / 512, float32, on this machine's CPU.
 
   * jaxseq:          `jaxseq.unroll(LSTM|GRU(...), params, xs)`: the fused whole-sequence form
-                     (`jaxseq.fused_rnn`, hand-written backward pass).
+                     (`jaxseq.fused_rnn`, hand-written backward pass); for the LSTM on CPU, jaxseq's
+                     native kernels when they are built (`jaxseq.native_lstm`), on GPU cuDNN.
   * jaxseq-scan:     the same cell through the reference path, `lax.scan` of `cell.step` with
                      JAX's autodiff (`jaxseq.scan._lax_scan_cell`, what `unroll` ran before).
   * flax-*:          `flax.linen.RNN(OptimizedLSTMCell | LSTMCell | GRUCell)`.
