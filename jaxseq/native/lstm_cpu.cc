@@ -461,4 +461,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBwd, LstmBwdImpl,
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<Pred>().Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Ret<F32>().Ret<F32>().Ret<F32>());
 
-extern "C" int jaxseq_native_abi() { return 1; }
