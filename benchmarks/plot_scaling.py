@@ -28,7 +28,7 @@ def series(recurrent_rows: list[dict], attention_rows: list[dict]) -> dict[str, 
     for r in recurrent_rows:
         if r.get("bench") != "linear_scan":
             continue
-        label = "LSTM (fused, jaxseq)" if r["model"] == "lstm" else f"{r['model']} ({r['form']})"
+        label = "LSTM (jaxseq: native kernels on CPU)" if r["model"] == "lstm" else f"{r['model']} ({r['form']})"
         out.setdefault(label, []).append((r["length"], 1e6 / r["tokens_per_s"]))
     names = {"jaxseq-flash": "attention: jaxseq (flash)", "jax-xla": "attention: jax.nn (XLA)",
              "torch-sdpa": "attention: PyTorch SDPA"}
