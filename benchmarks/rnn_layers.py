@@ -3,16 +3,16 @@
 One layer, batch 32, length 128, input 128, hidden 64 / 256 / 512, float32, on this machine's CPU.
 
   * jaxseq:          `jaxseq.unroll(LSTM|GRU(...), params, xs)`: the fused whole-sequence form
-                     (`jaxseq.fused_rnn`, hand-written backward pass); for the LSTM on CPU, jaxseq's
-                     native kernels when they are built (`jaxseq.native_lstm`), on GPU cuDNN.
+                     (`jaxseq.fused_rnn`, hand-written backward pass); on CPU jaxseq's native kernels
+                     when they are built (`jaxseq.native_lstm` / `native_gru`), the LSTM on GPU cuDNN.
   * jaxseq-scan:     the same cell through the reference path, `lax.scan` of `cell.step` with
                      JAX's autodiff (`jaxseq.scan._lax_scan_cell`, what `unroll` ran before).
   * flax-*:          `flax.linen.RNN(OptimizedLSTMCell | LSTMCell | GRUCell)`.
   * torch:           `torch.nn.LSTM` / `torch.nn.GRU` (batch_first, CPU, oneDNN where PyTorch uses
                      it), eager, `torch.set_num_threads` left at its default unless --threads is given.
-  * jaxseq-fused (LSTM): jaxseq's fused recurrence in XLA, without the dispatch that the `jaxseq`
-                     row goes through: cuDNN on a GPU (`jaxseq.cudnn_lstm`), jaxseq's native kernels
-                     on CPU (`jaxseq.native_lstm`; the row is there when they are built).
+  * jaxseq-fused:    jaxseq's fused recurrence in XLA, without the dispatch that the `jaxseq` row
+                     goes through: jaxseq's native kernels on CPU (`jaxseq.native_lstm` /
+                     `native_gru`; the row is there when they are built), cuDNN for the LSTM on a GPU.
   * GPU only (LSTM): `jax-experimental-rnn`, JAX's cuDNN LSTM (`rnn.lstm` on jaxseq's packed
                      weights, `jaxseq.cudnn_lstm.lstm_cudnn`).
 
@@ -129,14 +129,14 @@ def make_jaxseq(kind, hidden, xs, w, mode, fused):
     return _jax_case(apply, params, xs, w, mode)
 
 
-def make_undispatched_lstm(hidden, xs, w, mode, cudnn):
+def make_undispatched(kind, hidden, xs, w, mode, cudnn):
     """jax.experimental.rnn's cuDNN LSTM (cudnn=True, GPU) or jaxseq's fused XLA path without the dispatch."""
     from jax.experimental import rnn
 
     from jaxseq.cudnn_lstm import lstm_cudnn
-    from jaxseq.fused_rnn import lstm_sequence
+    from jaxseq.fused_rnn import gru_sequence, lstm_sequence
 
-    cell = jaxseq.LSTM(xs.shape[-1], hidden)
+    cell = (jaxseq.LSTM if kind == "lstm" else jaxseq.GRU)(xs.shape[-1], hidden)
     params = cell.init(jax.random.key(0))
 
     def apply(p, x):
@@ -144,7 +144,8 @@ def make_undispatched_lstm(hidden, xs, w, mode, cudnn):
         mask, carry0 = jnp.ones((b, t), bool), cell.initial_carry((b,), x.dtype)
         if cudnn:
             return lstm_cudnn(p, x, mask, carry0, kernel=rnn.lstm)[0]
-        return lstm_sequence(p, x, mask, carry0, jnp.zeros((b, t), bool))[0]
+        xla = lstm_sequence if kind == "lstm" else gru_sequence
+        return xla(p, x, mask, carry0, jnp.zeros((b, t), bool))[0]
 
     return _jax_case(apply, params, xs, w, mode)
 
@@ -185,7 +186,8 @@ def competitors(kind):
         "flax-gru": fnn.GRUCell}
     gpu = ["jax-experimental-rnn"] if kind == "lstm" and jax.default_backend() == "gpu" else []
     # the `jaxseq` row dispatches (cuDNN on a GPU, the native kernels on CPU); this is the XLA path
-    fused = ["jaxseq-fused"] if kind == "lstm" and (gpu or native.available()) else []
+    dispatched = gpu or (jax.default_backend() == "cpu" and native.available())
+    fused = ["jaxseq-fused"] if dispatched else []
     return list(both) + gpu + fused + list(flax) + (["torch"] if torch_device(torch) else []), flax
 
 
@@ -205,7 +207,7 @@ def run_case(kind, hidden, mode, peak):
         elif name == "torch":
             made = make_torch(kind, hidden, xs, w, mode)
         elif name in ("jax-experimental-rnn", "jaxseq-fused"):
-            made = make_undispatched_lstm(hidden, xs, w, mode, cudnn=name == "jax-experimental-rnn")
+            made = make_undispatched(kind, hidden, xs, w, mode, cudnn=name == "jax-experimental-rnn")
         else:
             made = make_flax(flax[name], hidden, xs, w, mode)
         calls[name], compile_s[name], peak_mb[name] = made

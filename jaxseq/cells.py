@@ -148,9 +148,13 @@ class GRU(_GatedCell):
         return h, h
 
     def sequence_unroll(self, params, xs, mask, carry0, resets, unroll=1):
-        """Whole-sequence form used by `unroll`: same numbers as scanning `step`, faster backward pass."""
+        """Whole-sequence form used by `unroll`: same numbers as scanning `step`, faster backward pass
+        (jaxseq's fused recurrence, or its native CPU kernels when eligible, `jaxseq.native_gru`)."""
         from jaxseq.fused_rnn import gru_sequence
+        from jaxseq.native_gru import gru_sequence_native, native_eligible
 
+        if native_eligible(params, xs):
+            return gru_sequence_native(params, xs, mask, carry0, resets)
         return gru_sequence(params, xs, mask, carry0, resets, unroll)
 
 

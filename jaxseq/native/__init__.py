@@ -1,7 +1,7 @@
 """jaxseq's native CPU kernels: C++ compiled on first use, loaded and registered as XLA FFI targets.
 
-`lstm_cpu.cc` holds the LSTM's recurrent loops for x86-64 CPUs with AVX-512 (see its header for why
-and what they compute). It is compiled the first time a process asks for it, with the C++ compiler
+`rnn_cpu.cc` holds the LSTM's and the GRU's recurrent loops for x86-64 CPUs with AVX-512 (see its
+header for why and what they compute; `jaxseq.native_lstm` and `jaxseq.native_gru` call them). It is compiled the first time a process asks for it, with the C++ compiler
 in `$CXX` (default `g++`) against the XLA FFI headers that jaxlib ships, into a cache folder
 (`$JAXSEQ_CACHE_DIR`, default `~/.cache/jaxseq`) under a name that hashes the source, the flags and
 the jaxlib version, so later processes load it in milliseconds. Nothing here is needed: when the CPU
@@ -24,11 +24,14 @@ from pathlib import Path
 
 import jax
 
-SOURCE = Path(__file__).with_name("lstm_cpu.cc")
+SOURCE = Path(__file__).with_name("rnn_cpu.cc")
 # Explicit ISA flags rather than -march=native: the library may be built on one machine of a cluster
 # and loaded on another; `_cpu_supported` checks these features before anything is loaded.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512dq", "-mfma", "-mavx2", "-pthread"]
-TARGETS = {"jaxseq_lstm_fwd": "JaxseqLstmFwd", "jaxseq_lstm_infer": "JaxseqLstmInfer", "jaxseq_lstm_bwd": "JaxseqLstmBwd"}
+TARGETS = {
+    "jaxseq_lstm_fwd": "JaxseqLstmFwd", "jaxseq_lstm_infer": "JaxseqLstmInfer", "jaxseq_lstm_bwd": "JaxseqLstmBwd",
+    "jaxseq_gru_fwd": "JaxseqGruFwd", "jaxseq_gru_infer": "JaxseqGruInfer", "jaxseq_gru_bwd": "JaxseqGruBwd",
+}
 _REASON: list[str] = []
 
 
@@ -53,7 +56,7 @@ def _build(compiler: str) -> Path:
     import jaxlib
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"lstm_cpu-{key}.so"
+    target = _cache_dir() / f"rnn_cpu-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,7 @@ def _load() -> ctypes.CDLL | None:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA path
         _REASON.append(f"building or loading {SOURCE.name} failed: {e}")
-        warnings.warn(f"jaxseq: native LSTM kernel unavailable, using the XLA path ({_REASON[-1][:300]})", stacklevel=3)
+        warnings.warn(f"jaxseq: native RNN kernels unavailable, using the XLA path ({_REASON[-1][:300]})", stacklevel=3)
         return None
     return lib
 

@@ -1,4 +1,5 @@
-// The LSTM's two recurrent loops on x86-64 CPUs with AVX-512, as XLA FFI custom calls.
+// The LSTM's and the GRU's recurrent loops on x86-64 CPUs with AVX-512, as XLA FFI custom calls.
+// The LSTM is described here; the GRU, built from the same parts, in its section below.
 //
 // Why: in XLA:CPU each step of jaxseq's fused loop is ~12 ops that XLA dispatches one after another,
 // with the per-step matmul handed to a library and its second thread joining late; the loops ran at
@@ -119,25 +120,30 @@ inline void tile_rows(int rows, const Seg& s1, const Seg& s2, Epilogue& epilogue
   }
 }
 
-// Column q of the panel order -> column of jaxseq's [i | f | g | o] order (blocks of H).
+// Column q of the LSTM's panel order -> column of jaxseq's [i | f | g | o] order (blocks of H).
 inline int64_t source_column(int64_t q, int64_t H) { return ((q % 32) / 8) * H + 8 * (q / 32) + q % 8; }
 
-// Panels p0..p1 of W [K, 4H] (jaxseq's order) -> out [p1 - p0][K][32] in panel order. The kernel's
-// matmuls stream B panels contiguously: read in place from the [K, 4H] matrix, each panel's rows sat
-// 4H floats apart, on the same few L1 sets, and the two loops took 53 against 29 ms (hidden 256,
-// under the profiler).
-void pack_panels(const float* W, int64_t K, int64_t H, int64_t p0, int64_t p1, float* out) {
+// Panels p0..p1 of W [K, ld] -> out [p1 - p0][K][32]: out[p][k][c] = W[k, source(32 p + c)], or 0 where
+// source gives -1. The kernel's matmuls stream B panels contiguously: read in place from W, each
+// panel's rows sat ld floats apart, on the same few L1 sets, and the two LSTM loops took 53 against
+// 29 ms (hidden 256, under the profiler).
+template <typename Source>
+void pack_panels(const float* W, int64_t K, int64_t ld, int64_t p0, int64_t p1, float* out, Source source) {
   for (int64_t p = p0; p < p1; ++p)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < 32; ++c) out[((p - p0) * K + k) * 32 + c] = W[k * 4 * H + source_column(p * 32 + c, H)];
+    for (int64_t c = 0; c < 32; ++c) {
+      const int64_t col = source(p * 32 + c);
+      for (int64_t k = 0; k < K; ++k) out[((p - p0) * K + k) * 32 + c] = col < 0 ? 0.0f : W[k * ld + col];
+    }
 }
 
-// Panels q0..q1 of W_hh^T in panel order: out[q - q0][k][v] = W_hh[32 q + v, source_column(k)].
-void pack_panels_transposed(const float* W, int64_t H, int64_t q0, int64_t q1, float* out) {
+// Panels q0..q1 of W^T for the backward matmul over K gate columns: out[q][k][v] = W[32 q + v, source(k)]
+// (W [H, ld], row = hidden unit).
+template <typename Source>
+void pack_panels_transposed(const float* W, int64_t ld, int64_t K, int64_t q0, int64_t q1, float* out, Source source) {
   for (int64_t q = q0; q < q1; ++q)
-    for (int64_t k = 0; k < 4 * H; ++k) {
-      const int64_t col = source_column(k, H);
-      for (int64_t v = 0; v < 32; ++v) out[((q - q0) * 4 * H + k) * 32 + v] = W[(32 * q + v) * 4 * H + col];
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t col = source(k);
+      for (int64_t v = 0; v < 32; ++v) out[((q - q0) * K + k) * 32 + v] = W[(32 * q + v) * ld + col];
     }
 }
 
@@ -245,8 +251,9 @@ void forward(Dims d, const Forward& a) {
     const int64_t u0 = (H / 32) * tid / n * 32, u1 = (H / 32) * (tid + 1) / n * 32;  // this thread's units
     const int64_t p0 = u0 / 8, p1 = u1 / 8;  // and its panels
     std::vector<float> w_hh((p1 - p0) * H * 32), w_ih((p1 - p0) * a.D * 32);
-    pack_panels(a.w_hh, H, H, p0, p1, w_hh.data());
-    pack_panels(a.w_ih, a.D, H, p0, p1, w_ih.data());
+    auto lstm_column = [H](int64_t q) { return source_column(q, H); };
+    pack_panels(a.w_hh, H, 4 * H, p0, p1, w_hh.data(), lstm_column);
+    pack_panels(a.w_ih, a.D, 4 * H, p0, p1, w_ih.data(), lstm_column);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = u0; j < u1; ++j) hbuf[b * ldh + j] = a.h0[b * H + j], c[b * H + j] = a.c0[b * H + j];
     barrier.wait();
@@ -357,7 +364,7 @@ void backward(Dims d, float* gz /* gates in, dz out */, const float* cs, const f
   run_threads(n, [&](int tid) {
     const int64_t u0 = (H / 32) * tid / n * 32, u1 = (H / 32) * (tid + 1) / n * 32;
     std::vector<float> w_hh_t((u1 - u0) * G);
-    pack_panels_transposed(w_hh, H, u0 / 32, u1 / 32, w_hh_t.data());
+    pack_panels_transposed(w_hh, G, G, u0 / 32, u1 / 32, w_hh_t.data(), [H](int64_t k) { return source_column(k, H); });
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = u0; j < u1; ++j) {
         dh[b * H + j] = dhT[b * H + j], dc[b * H + j] = dcT[b * H + j];
@@ -440,6 +447,215 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs, ff
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------ GRU
+//
+// PyTorch's GRU: r, z = sigmoid(x W_i{r,z} + b_i{r,z} + h W_h{r,z} + b_h{r,z}),
+// n = tanh(x W_in + b_in + r (h W_hn + b_hn)), h' = (1 - z) n + z h. A tile's 32 columns are
+// [r, z, h W_hn, x W_in] for 8 units: the last two stay apart because r multiplies only the first,
+// so the recurrent panel has zeros where x W_in goes and the input panel where h W_hn goes (a quarter
+// of each matmul is zeros). Saved per step: [r, z, n, h W_hn + b_hn] in panel order, and the entering h.
+// The backward writes [dr, dz, dhn, dn] over them (dhn = dn r, the cotangent of h W_hn + b_hn).
+
+// GRU weights [K, 3H] (blocks r, z, n) -> the panel column q's source, or -1 for a zero column.
+inline int64_t gru_column(int64_t q, int64_t H, bool recurrent) {
+  const int64_t block = (q % 32) / 8, unit = 8 * (q / 32) + q % 8;
+  if (block < 2) return block * H + unit;
+  return (block == 2) == recurrent ? 2 * H + unit : -1;
+}
+
+struct GruForward {
+  const float *x, *w_ih;  // x [B, T, D], w_ih [D, 3H]
+  int64_t D;
+  const float *bias, *w_hh, *h0;  // bias [4H] in panel order ([b_ir + b_hr, b_iz + b_hz, b_hn, b_in]), w_hh [H, 3H]
+  const bool *mask, *resets;
+  float* ys;
+  float *gates, *hs;  // training only (else null)
+  float* hT;
+};
+
+void gru_forward(Dims d, const GruForward& a) {
+  const int64_t B = d.B, T = d.T, H = d.H, G = 4 * H;
+  const int n = thread_count(H);
+  const int64_t ldh = H + 16;  // see `forward`
+  std::vector<float> hbuf(2 * B * ldh);
+  Barrier barrier(n);
+  const __m512 half = _mm512_set1_ps(0.5f);
+  if (a.gates != nullptr) advise_huge(a.gates, B * T * G * 4), advise_huge(a.hs, B * T * H * 4);
+  advise_huge(a.ys, B * T * H * 4);
+  run_threads(n, [&](int tid) {
+    const int64_t u0 = (H / 32) * tid / n * 32, u1 = (H / 32) * (tid + 1) / n * 32;
+    const int64_t p0 = u0 / 8, p1 = u1 / 8;
+    std::vector<float> w_hh((p1 - p0) * H * 32), w_ih((p1 - p0) * a.D * 32);
+    pack_panels(a.w_hh, H, 3 * H, p0, p1, w_hh.data(), [H](int64_t q) { return gru_column(q, H, true); });
+    pack_panels(a.w_ih, a.D, 3 * H, p0, p1, w_ih.data(), [H](int64_t q) { return gru_column(q, H, false); });
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = u0; j < u1; ++j) hbuf[b * ldh + j] = a.h0[b * H + j];
+    barrier.wait();
+    for (int64_t t = 0; t < T; ++t) {
+      const float* cur = hbuf.data() + (t & 1) * B * ldh;
+      float* nxt = hbuf.data() + ((t + 1) & 1) * B * ldh;
+      if (a.hs != nullptr)
+        for (int64_t b = 0; b < B; ++b) std::copy(cur + b * ldh + u0, cur + b * ldh + u1, a.hs + (b * T + t) * H + u0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const __m512 bias0 = _mm512_loadu_ps(a.bias + p * 32), bias1 = _mm512_loadu_ps(a.bias + p * 32 + 16);
+        for (int64_t r0 = 0; r0 < B; r0 += kMR) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
+          auto cell = [&](int r, __m512 acc0, __m512 acc1) {
+            const int64_t b = r0 + r, bt = b * T + t;
+            const __m512 rz = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(_mm512_add_ps(acc0, bias0), half)), half, half);
+            const __m512 hx = _mm512_add_ps(acc1, bias1);  // [h W_hn + b_hn | x W_in + b_in]
+            const __m256 rg = _mm512_castps512_ps256(rz), zg = _mm512_extractf32x8_ps(rz, 1);
+            const __m256 hn = _mm512_castps512_ps256(hx), xn = _mm512_extractf32x8_ps(hx, 1);
+            const __m256 ng = tanh8(_mm256_fmadd_ps(rg, hn, xn));
+            const __m256 h_old = _mm256_loadu_ps(cur + b * ldh + p * 8);
+            const __m256 h_new = _mm256_fmadd_ps(zg, _mm256_sub_ps(h_old, ng), ng);
+            if (a.gates != nullptr) {
+              float* gp = a.gates + bt * G + p * 32;
+              _mm512_storeu_ps(gp, rz);
+              _mm256_storeu_ps(gp + 16, ng);
+              _mm256_storeu_ps(gp + 24, hn);
+            }
+            const bool m = a.mask[bt];
+            _mm256_storeu_ps(a.ys + bt * H + p * 8, m ? h_new : _mm256_setzero_ps());
+            __m256 h_next = m ? h_new : h_old;
+            if (t + 1 < T && a.resets[bt + 1]) h_next = _mm256_loadu_ps(a.h0 + b * H + p * 8);
+            _mm256_storeu_ps(nxt + b * ldh + p * 8, h_next);
+          };
+          const Seg rec{cur + r0 * ldh, ldh, w_hh.data() + (p - p0) * H * 32, 32, H};
+          const Seg inp{a.x + (r0 * T + t) * a.D, T * a.D, w_ih.data() + (p - p0) * a.D * 32, 32, a.D};
+          tile_rows(rows, rec, inp, cell);
+        }
+      }
+      barrier.wait();
+    }
+    const float* last = hbuf.data() + (T & 1) * B * ldh;
+    for (int64_t b = 0; b < B; ++b) std::copy(last + b * ldh + u0, last + b * ldh + u1, a.hT + b * H + u0);
+  });
+}
+
+void gru_backward(Dims d, float* gz /* gates in, [dr, dz, dhn, dn] out */, const float* hs, const float* w_hh /* [H, 3H] */,
+                  const bool* mask, const bool* resets, const float* dys, const float* dhT, float* dh0) {
+  const int64_t B = d.B, T = d.T, H = d.H, G = 4 * H, K = 3 * H;
+  const int n = thread_count(H);
+  std::vector<float> dh(B * H);
+  const int64_t ldz = K + 16;  // [dr, dz, dhn] of each panel, 24 floats; padded rows as in `backward`
+  std::vector<float> dzs(2 * B * ldz);
+  Barrier barrier(n);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  // compact column k (24 per panel: dr, dz, dhn) -> its W_hh column
+  auto compact_column = [H](int64_t k) { return ((k % 24) / 8) * H + 8 * (k / 24) + k % 8; };
+
+  run_threads(n, [&](int tid) {
+    const int64_t u0 = (H / 32) * tid / n * 32, u1 = (H / 32) * (tid + 1) / n * 32;
+    std::vector<float> w_hh_t((u1 - u0) * K);
+    pack_panels_transposed(w_hh, 3 * H, K, u0 / 32, u1 / 32, w_hh_t.data(), compact_column);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = u0; j < u1; ++j) dh[b * H + j] = dhT[b * H + j], dh0[b * H + j] = 0.0f;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      // Phase 1, this thread's units: [dr, dz, dhn, dn] over the gates, and in dh the part of dh_prev
+      // that is not a matmul (dh z, or the held cotangent on a masked step).
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t bt = b * T + t;
+        const bool m = mask[bt];
+        for (int64_t p = u0 / 8; p < u1 / 8; ++p) {
+          float* gp = gz + bt * G + p * 32;
+          const int64_t j = b * H + p * 8;
+          const __m256 dh_in = _mm256_loadu_ps(dh.data() + j);
+          const __m256 dhx = m ? _mm256_add_ps(dh_in, _mm256_loadu_ps(dys + bt * H + p * 8)) : _mm256_setzero_ps();
+          const __m256 r = _mm256_loadu_ps(gp), z = _mm256_loadu_ps(gp + 8);
+          const __m256 ng = _mm256_loadu_ps(gp + 16), hn = _mm256_loadu_ps(gp + 24);
+          const __m256 h = _mm256_loadu_ps(hs + bt * H + p * 8);
+          const __m256 dn = _mm256_mul_ps(_mm256_mul_ps(dhx, _mm256_sub_ps(one, z)), _mm256_fnmadd_ps(ng, ng, one));
+          const __m256 g[4] = {
+              _mm256_mul_ps(_mm256_mul_ps(dn, hn), _mm256_mul_ps(r, _mm256_sub_ps(one, r))),                  // dr
+              _mm256_mul_ps(_mm256_mul_ps(dhx, _mm256_sub_ps(h, ng)), _mm256_mul_ps(z, _mm256_sub_ps(one, z))),  // dz
+              _mm256_mul_ps(dn, r),                                                                              // dhn
+              dn};
+          float* zs = dzs.data() + ((t & 1) * B + b) * ldz + p * 24;
+          for (int k = 0; k < 4; ++k) _mm256_storeu_ps(gp + 8 * k, g[k]);
+          for (int k = 0; k < 3; ++k) _mm256_storeu_ps(zs + 8 * k, g[k]);
+          _mm256_storeu_ps(dh.data() + j, m ? _mm256_mul_ps(dhx, z) : dh_in);
+        }
+      }
+      barrier.wait();
+      // Phase 2, this thread's units: dh_prev = [dr, dz, dhn] W_h{r,z,n}^T + what phase 1 left in dh.
+      for (int64_t q = u0 / 32; q < u1 / 32; ++q) {
+        for (int64_t r0 = 0; r0 < B; r0 += kMR) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
+          auto carry = [&](int r, __m512 d0, __m512 d1) {
+            const int64_t b = r0 + r, bt = b * T + t;
+            float* dhb = dh.data() + b * H + q * 32;
+            d0 = _mm512_add_ps(d0, _mm512_loadu_ps(dhb)), d1 = _mm512_add_ps(d1, _mm512_loadu_ps(dhb + 16));
+            if (resets[bt]) {
+              float* a = dh0 + b * H + q * 32;
+              _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), d0));
+              _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), d1));
+              d0 = d1 = _mm512_setzero_ps();
+            }
+            _mm512_storeu_ps(dhb, d0);
+            _mm512_storeu_ps(dhb + 16, d1);
+          };
+          const Seg dz{dzs.data() + ((t & 1) * B + r0) * ldz, ldz, w_hh_t.data() + (q - u0 / 32) * K * 32, 32, K};
+          const Seg none{nullptr, 0, nullptr, 0, 0};
+          tile_rows(rows, dz, none, carry);
+        }
+      }
+    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = u0; j < u1; ++j) dh0[b * H + j] += dh[b * H + j];
+  });
+}
+
+// B, T from the mask; H from w_hh [H, 3H].
+ffi::Error gru_dims(const ffi::Buffer<ffi::PRED>& mask, const ffi::Buffer<ffi::F32>& w_hh, Dims* d) {
+  auto md = mask.dimensions();
+  auto wd = w_hh.dimensions();
+  if (md.size() != 2 || wd.size() != 2 || wd[1] != 3 * wd[0] || wd[0] % 32 != 0)
+    return ffi::Error::InvalidArgument("jaxseq GRU kernel: mask must be [B, T] and W_hh [H, 3H] with H % 32 == 0");
+  d->B = md[0], d->T = md[1], d->H = wd[0];
+  return ffi::Error::Success();
+}
+
+ffi::Error checked_gru_forward(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w_ih,
+                               const ffi::Buffer<ffi::F32>& bias, const ffi::Buffer<ffi::F32>& w_hh,
+                               const ffi::Buffer<ffi::F32>& h0, const ffi::Buffer<ffi::PRED>& mask,
+                               const ffi::Buffer<ffi::PRED>& resets, float* ys, float* gates, float* hs, float* hT) {
+  Dims d;
+  if (auto e = gru_dims(mask, w_hh, &d); e.failure()) return e;
+  auto xd = x.dimensions();
+  if (xd.size() != 3 || xd[0] != d.B || xd[1] != d.T || w_ih.element_count() != xd[2] * 3 * d.H)
+    return ffi::Error::InvalidArgument("jaxseq GRU kernel: x must be [B, T, D] and W_ih [D, 3H]");
+  gru_forward(d, GruForward{x.typed_data(), w_ih.typed_data(), xd[2], bias.typed_data(), w_hh.typed_data(),
+                            h0.typed_data(), mask.typed_data(), resets.typed_data(), ys, gates, hs, hT});
+  return ffi::Error::Success();
+}
+
+ffi::Error GruFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::PRED> mask,
+                      ffi::Buffer<ffi::PRED> resets, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> gates,
+                      ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> hT) {
+  return checked_gru_forward(x, w_ih, bias, w_hh, h0, mask, resets, ys->typed_data(), gates->typed_data(),
+                             hs->typed_data(), hT->typed_data());
+}
+
+ffi::Error GruInferImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+                        ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::PRED> mask,
+                        ffi::Buffer<ffi::PRED> resets, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT) {
+  return checked_gru_forward(x, w_ih, bias, w_hh, h0, mask, resets, ys->typed_data(), nullptr, nullptr, hT->typed_data());
+}
+
+ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> w_hh,
+                      ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> resets, ffi::Buffer<ffi::F32> dys,
+                      ffi::Buffer<ffi::F32> dhT, ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0) {
+  Dims d;
+  if (auto e = gru_dims(mask, w_hh, &d); e.failure()) return e;
+  if (gates.element_count() != d.B * d.T * 4 * d.H) return ffi::Error::InvalidArgument("jaxseq GRU kernel: gates must be [B * T, 4H]");
+  if (dz->typed_data() != gates.typed_data()) std::copy_n(gates.typed_data(), gates.element_count(), dz->typed_data());
+  gru_backward(d, dz->typed_data(), hs.typed_data(), w_hh.typed_data(), mask.typed_data(), resets.typed_data(),
+               dys.typed_data(), dhT.typed_data(), dh0->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 using F32 = ffi::Buffer<ffi::F32>;
@@ -461,3 +677,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBwd, LstmBwdImpl,
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<Pred>().Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Ret<F32>().Ret<F32>().Ret<F32>());
 
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqGruFwd, GruFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<Pred>()
+                                  .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqGruInfer, GruInferImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<Pred>()
+                                  .Ret<F32>().Ret<F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqGruBwd, GruBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<Pred>().Arg<F32>().Arg<F32>()
+                                  .Ret<F32>().Ret<F32>());
