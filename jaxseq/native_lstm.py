@@ -3,7 +3,7 @@ custom calls, the large matmuls after the backward loop in XLA.
 
 Same semantics and signature as `jaxseq.fused_rnn.lstm_sequence` (masks, resets, carry0, gradients
 of params, xs and carry0), which it replaces on CPU when `native_eligible` holds; the XLA path is the
-reference it is tested against (tests/test_native_lstm.py).
+reference it is tested against (tests/test_native_rnn.py).
 
 Forward: the kernel computes each step's [h | x_t] [W_hh; W_ih] with the cell in the matmul's epilogue
 and returns ys, the activated gates, the carries entering each step and the final carry. Backward:
