@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <thread>
 #include <vector>
 #include <sys/mman.h>
@@ -193,12 +194,13 @@ struct Dims {
   int64_t B, T, H;
 };
 
-// B, T from the mask [B, T]; H from w_hh [H, 4H].
-ffi::Error dims(const ffi::Buffer<ffi::PRED>& mask, const ffi::Buffer<ffi::F32>& w_hh, Dims* d) {
+// B, T from the mask [B, T]; H from w_hh [H, gates * H] (4 gates for the LSTM, 3 for the GRU).
+ffi::Error dims(const ffi::Buffer<ffi::PRED>& mask, const ffi::Buffer<ffi::F32>& w_hh, int64_t gates, Dims* d) {
   auto md = mask.dimensions();
   auto wd = w_hh.dimensions();
-  if (md.size() != 2 || wd.size() != 2 || wd[1] != 4 * wd[0] || wd[0] % 32 != 0)
-    return ffi::Error::InvalidArgument("jaxseq LSTM kernel: mask must be [B, T] and W_hh [H, 4H] with H % 32 == 0");
+  if (md.size() != 2 || wd.size() != 2 || wd[1] != gates * wd[0] || wd[0] % 32 != 0)
+    return ffi::Error::InvalidArgument("jaxseq RNN kernel: mask must be [B, T] and W_hh [H, " + std::to_string(gates) +
+                                       "H] with H % 32 == 0");
   d->B = md[0], d->T = md[1], d->H = wd[0];
   return ffi::Error::Success();
 }
@@ -212,6 +214,26 @@ void advise_huge(void* p, int64_t bytes) {
   const uintptr_t huge = uintptr_t{1} << 21, a = reinterpret_cast<uintptr_t>(p);
   const uintptr_t lo = (a + huge - 1) & ~(huge - 1), hi = (a + bytes) & ~(huge - 1);
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+}
+
+// One forward step's matmuls over this thread's panels p0..p1: cell(b, p, z0, z1) receives row b's 32
+// pre-activations of panel p, bias added, from [h | x_t] [W_hh; W_ih] (the panels packed by the caller;
+// h's rows ldh apart, x [B, T, D]).
+template <typename Cell>
+void step_tiles(int64_t B, int64_t T, int64_t t, int64_t p0, int64_t p1, const float* bias, const float* h, int64_t ldh,
+                const float* w_hh, int64_t H, const float* x, int64_t D, const float* w_ih, Cell& cell) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const __m512 bias0 = _mm512_loadu_ps(bias + p * 32), bias1 = _mm512_loadu_ps(bias + p * 32 + 16);
+    for (int64_t r0 = 0; r0 < B; r0 += kMR) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
+      auto epilogue = [&](int r, __m512 acc0, __m512 acc1) {
+        cell(r0 + r, p, _mm512_add_ps(acc0, bias0), _mm512_add_ps(acc1, bias1));
+      };
+      const Seg rec{h + r0 * ldh, ldh, w_hh + (p - p0) * H * 32, 32, H};
+      const Seg inp{x + (r0 * T + t) * D, T * D, w_ih + (p - p0) * D * 32, 32, D};
+      tile_rows(rows, rec, inp, epilogue);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------ forward
@@ -264,41 +286,32 @@ void forward(Dims d, const Forward& a) {
         for (int64_t b = 0; b < B; ++b)
           for (int64_t j = u0; j < u1; ++j)
             a.hs[(b * T + t) * H + j] = cur[b * ldh + j], a.cs[(b * T + t) * H + j] = c[b * H + j];
-      for (int64_t p = p0; p < p1; ++p) {
-        const __m512 bias0 = _mm512_loadu_ps(a.bias + p * 32), bias1 = _mm512_loadu_ps(a.bias + p * 32 + 16);
-        for (int64_t r0 = 0; r0 < B; r0 += kMR) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
-          auto cell = [&](int r, __m512 acc0, __m512 acc1) {
-            const int64_t b = r0 + r, bt = b * T + t;
-            const __m512 z0 = _mm512_add_ps(acc0, bias0), z1 = _mm512_add_ps(acc1, bias1);
-            const __m512 i_f = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(z0, half)), half, half);
-            const __m512 g_o = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(z1, a_go)), a_go, b_go);
-            if (a.gates != nullptr) {
-              _mm512_storeu_ps(a.gates + bt * G + p * 32, i_f);
-              _mm512_storeu_ps(a.gates + bt * G + p * 32 + 16, g_o);
-            }
-            const __m256 i = _mm512_castps512_ps256(i_f), f = _mm512_extractf32x8_ps(i_f, 1);
-            const __m256 g = _mm512_castps512_ps256(g_o), o = _mm512_extractf32x8_ps(g_o, 1);
-            float* cb = c.data() + b * H + p * 8;
-            const __m256 c_old = _mm256_loadu_ps(cb);
-            const __m256 c_new = _mm256_fmadd_ps(f, c_old, _mm256_mul_ps(i, g));
-            const __m256 h_new = _mm256_mul_ps(o, tanh8(c_new));
-            const bool m = a.mask[bt];
-            _mm256_storeu_ps(a.ys + bt * H + p * 8, m ? h_new : _mm256_setzero_ps());
-            __m256 h_next = m ? h_new : _mm256_loadu_ps(cur + b * ldh + p * 8);
-            __m256 c_next = m ? c_new : c_old;
-            if (t + 1 < T && a.resets[bt + 1]) {  // the next step starts from the initial carry
-              h_next = _mm256_loadu_ps(a.h0 + b * H + p * 8);
-              c_next = _mm256_loadu_ps(a.c0 + b * H + p * 8);
-            }
-            _mm256_storeu_ps(nxt + b * ldh + p * 8, h_next);
-            _mm256_storeu_ps(cb, c_next);
-          };
-          const Seg rec{cur + r0 * ldh, ldh, w_hh.data() + (p - p0) * H * 32, 32, H};
-          const Seg inp{a.x + (r0 * T + t) * a.D, T * a.D, w_ih.data() + (p - p0) * a.D * 32, 32, a.D};
-          tile_rows(rows, rec, inp, cell);
+      auto cell = [&](int64_t b, int64_t p, __m512 z0, __m512 z1) {
+        const int64_t bt = b * T + t;
+        const __m512 i_f = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(z0, half)), half, half);
+        const __m512 g_o = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(z1, a_go)), a_go, b_go);
+        if (a.gates != nullptr) {
+          _mm512_storeu_ps(a.gates + bt * G + p * 32, i_f);
+          _mm512_storeu_ps(a.gates + bt * G + p * 32 + 16, g_o);
         }
-      }
+        const __m256 i = _mm512_castps512_ps256(i_f), f = _mm512_extractf32x8_ps(i_f, 1);
+        const __m256 g = _mm512_castps512_ps256(g_o), o = _mm512_extractf32x8_ps(g_o, 1);
+        float* cb = c.data() + b * H + p * 8;
+        const __m256 c_old = _mm256_loadu_ps(cb);
+        const __m256 c_new = _mm256_fmadd_ps(f, c_old, _mm256_mul_ps(i, g));
+        const __m256 h_new = _mm256_mul_ps(o, tanh8(c_new));
+        const bool m = a.mask[bt];
+        _mm256_storeu_ps(a.ys + bt * H + p * 8, m ? h_new : _mm256_setzero_ps());
+        __m256 h_next = m ? h_new : _mm256_loadu_ps(cur + b * ldh + p * 8);
+        __m256 c_next = m ? c_new : c_old;
+        if (t + 1 < T && a.resets[bt + 1]) {  // the next step starts from the initial carry
+          h_next = _mm256_loadu_ps(a.h0 + b * H + p * 8);
+          c_next = _mm256_loadu_ps(a.c0 + b * H + p * 8);
+        }
+        _mm256_storeu_ps(nxt + b * ldh + p * 8, h_next);
+        _mm256_storeu_ps(cb, c_next);
+      };
+      step_tiles(B, T, t, p0, p1, a.bias, cur, ldh, w_hh.data(), H, a.x, a.D, w_ih.data(), cell);
       barrier.wait();
     }
     const float* last = hbuf.data() + (T & 1) * B * ldh;
@@ -314,7 +327,7 @@ ffi::Error checked_forward(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi
                            const ffi::Buffer<ffi::PRED>& mask, const ffi::Buffer<ffi::PRED>& resets, float* ys,
                            float* gates, float* hs, float* cs, float* hT, float* cT) {
   Dims d;
-  if (auto e = dims(mask, w_hh, &d); e.failure()) return e;
+  if (auto e = dims(mask, w_hh, 4, &d); e.failure()) return e;
   auto xd = x.dimensions();
   if (xd.size() != 3 || xd[0] != d.B || xd[1] != d.T || w_ih.element_count() != xd[2] * 4 * d.H)
     return ffi::Error::InvalidArgument("jaxseq LSTM kernel: x must be [B, T, D] and W_ih [D, 4H]");
@@ -347,6 +360,34 @@ ffi::Error LstmInferImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih, ff
 }
 
 // ------------------------------------------------------------------------------------ backward
+
+// Phase 2 of a backward step, for this thread's units [u0, u1): dh[b, j] += dz_b W^T (dzs_t: the step's
+// cotangents, rows ldz apart; w_t: this thread's packed panels of W^T over K columns). Phase 1 left in dh
+// what is not a matmul. A row whose step began with a reset hands its result to dh0 and carries 0.
+void backward_carry(int64_t B, int64_t T, int64_t H, int64_t t, int64_t u0, int64_t u1, const float* dzs_t, int64_t ldz,
+                    const float* w_t, int64_t K, const bool* resets, float* dh, float* dh0) {
+  for (int64_t q = u0 / 32; q < u1 / 32; ++q) {
+    for (int64_t r0 = 0; r0 < B; r0 += kMR) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
+      auto carry = [&](int r, __m512 d0, __m512 d1) {
+        const int64_t b = r0 + r;
+        float* dhb = dh + b * H + q * 32;
+        d0 = _mm512_add_ps(d0, _mm512_loadu_ps(dhb)), d1 = _mm512_add_ps(d1, _mm512_loadu_ps(dhb + 16));
+        if (resets[b * T + t]) {
+          float* a = dh0 + b * H + q * 32;
+          _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), d0));
+          _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), d1));
+          d0 = d1 = _mm512_setzero_ps();
+        }
+        _mm512_storeu_ps(dhb, d0);
+        _mm512_storeu_ps(dhb + 16, d1);
+      };
+      const Seg dz{dzs_t + r0 * ldz, ldz, w_t + (q - u0 / 32) * K * 32, 32, K};
+      const Seg none{nullptr, 0, nullptr, 0, 0};
+      tile_rows(rows, dz, none, carry);
+    }
+  }
+}
 
 void backward(Dims d, float* gz /* gates in, dz out */, const float* cs, const float* w_hh /* [H, 4H] */, const bool* mask,
               const bool* resets, const float* dys, const float* dhT, const float* dcT, float* dh0, float* dc0) {
@@ -400,31 +441,11 @@ void backward(Dims d, float* gz /* gates in, dz out */, const float* cs, const f
             dc_prev = _mm256_setzero_ps();
           }
           _mm256_storeu_ps(dc.data() + j, dc_prev);
+          _mm256_storeu_ps(dh.data() + j, m ? _mm256_setzero_ps() : dh_in);  // phase 2 adds it to dz W_hh^T
         }
       }
       barrier.wait();
-      // Phase 2, this thread's units: dh_prev = dz W_hh^T (dz of every unit, from phase 1 of all threads).
-      for (int64_t q = u0 / 32; q < u1 / 32; ++q) {
-        for (int64_t r0 = 0; r0 < B; r0 += kMR) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
-          auto carry = [&](int r, __m512 d0, __m512 d1) {
-            const int64_t b = r0 + r, bt = b * T + t;
-            float* dhb = dh.data() + b * H + q * 32;
-            if (!mask[bt]) d0 = _mm512_add_ps(d0, _mm512_loadu_ps(dhb)), d1 = _mm512_add_ps(d1, _mm512_loadu_ps(dhb + 16));
-            if (resets[bt]) {
-              float* a = dh0 + b * H + q * 32;
-              _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), d0));
-              _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), d1));
-              d0 = d1 = _mm512_setzero_ps();
-            }
-            _mm512_storeu_ps(dhb, d0);
-            _mm512_storeu_ps(dhb + 16, d1);
-          };
-          const Seg dz{dzs.data() + ((t & 1) * B + r0) * ldz, ldz, w_hh_t.data() + (q - u0 / 32) * G * 32, 32, G};
-          const Seg none{nullptr, 0, nullptr, 0, 0};
-          tile_rows(rows, dz, none, carry);
-        }
-      }
+      backward_carry(B, T, H, t, u0, u1, dzs.data() + (t & 1) * B * ldz, ldz, w_hh_t.data(), G, resets, dh.data(), dh0);
       // The next phase 1 reads only this thread's units of dh and dc, and writes dz of step t - 1
       // (in the other copy), which no phase 2 of step t reads: no barrier needed here.
     }
@@ -438,7 +459,7 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs, ff
                        ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> dcT, ffi::ResultBuffer<ffi::F32> dz,
                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
   Dims d;
-  if (auto e = dims(mask, w_hh, &d); e.failure()) return e;
+  if (auto e = dims(mask, w_hh, 4, &d); e.failure()) return e;
   if (gates.element_count() != d.B * d.T * 4 * d.H) return ffi::Error::InvalidArgument("jaxseq LSTM kernel: gates must be [B * T, 4H]");
   if (dz->typed_data() != gates.typed_data())  // XLA honours the alias unless it had to copy
     std::copy_n(gates.typed_data(), gates.element_count(), dz->typed_data());
@@ -496,36 +517,28 @@ void gru_forward(Dims d, const GruForward& a) {
       float* nxt = hbuf.data() + ((t + 1) & 1) * B * ldh;
       if (a.hs != nullptr)
         for (int64_t b = 0; b < B; ++b) std::copy(cur + b * ldh + u0, cur + b * ldh + u1, a.hs + (b * T + t) * H + u0);
-      for (int64_t p = p0; p < p1; ++p) {
-        const __m512 bias0 = _mm512_loadu_ps(a.bias + p * 32), bias1 = _mm512_loadu_ps(a.bias + p * 32 + 16);
-        for (int64_t r0 = 0; r0 < B; r0 += kMR) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
-          auto cell = [&](int r, __m512 acc0, __m512 acc1) {
-            const int64_t b = r0 + r, bt = b * T + t;
-            const __m512 rz = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(_mm512_add_ps(acc0, bias0), half)), half, half);
-            const __m512 hx = _mm512_add_ps(acc1, bias1);  // [h W_hn + b_hn | x W_in + b_in]
-            const __m256 rg = _mm512_castps512_ps256(rz), zg = _mm512_extractf32x8_ps(rz, 1);
-            const __m256 hn = _mm512_castps512_ps256(hx), xn = _mm512_extractf32x8_ps(hx, 1);
-            const __m256 ng = tanh8(_mm256_fmadd_ps(rg, hn, xn));
-            const __m256 h_old = _mm256_loadu_ps(cur + b * ldh + p * 8);
-            const __m256 h_new = _mm256_fmadd_ps(zg, _mm256_sub_ps(h_old, ng), ng);
-            if (a.gates != nullptr) {
-              float* gp = a.gates + bt * G + p * 32;
-              _mm512_storeu_ps(gp, rz);
-              _mm256_storeu_ps(gp + 16, ng);
-              _mm256_storeu_ps(gp + 24, hn);
-            }
-            const bool m = a.mask[bt];
-            _mm256_storeu_ps(a.ys + bt * H + p * 8, m ? h_new : _mm256_setzero_ps());
-            __m256 h_next = m ? h_new : h_old;
-            if (t + 1 < T && a.resets[bt + 1]) h_next = _mm256_loadu_ps(a.h0 + b * H + p * 8);
-            _mm256_storeu_ps(nxt + b * ldh + p * 8, h_next);
-          };
-          const Seg rec{cur + r0 * ldh, ldh, w_hh.data() + (p - p0) * H * 32, 32, H};
-          const Seg inp{a.x + (r0 * T + t) * a.D, T * a.D, w_ih.data() + (p - p0) * a.D * 32, 32, a.D};
-          tile_rows(rows, rec, inp, cell);
+      auto cell = [&](int64_t b, int64_t p, __m512 z0, __m512 z1) {
+        const int64_t bt = b * T + t;
+        const __m512 rz = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(z0, half)), half, half);
+        const __m256 rg = _mm512_castps512_ps256(rz), zg = _mm512_extractf32x8_ps(rz, 1);
+        // z1 = [h W_hn + b_hn | x W_in + b_in]
+        const __m256 hn = _mm512_castps512_ps256(z1), xn = _mm512_extractf32x8_ps(z1, 1);
+        const __m256 ng = tanh8(_mm256_fmadd_ps(rg, hn, xn));
+        const __m256 h_old = _mm256_loadu_ps(cur + b * ldh + p * 8);
+        const __m256 h_new = _mm256_fmadd_ps(zg, _mm256_sub_ps(h_old, ng), ng);
+        if (a.gates != nullptr) {
+          float* gp = a.gates + bt * G + p * 32;
+          _mm512_storeu_ps(gp, rz);
+          _mm256_storeu_ps(gp + 16, ng);
+          _mm256_storeu_ps(gp + 24, hn);
         }
-      }
+        const bool m = a.mask[bt];
+        _mm256_storeu_ps(a.ys + bt * H + p * 8, m ? h_new : _mm256_setzero_ps());
+        __m256 h_next = m ? h_new : h_old;
+        if (t + 1 < T && a.resets[bt + 1]) h_next = _mm256_loadu_ps(a.h0 + b * H + p * 8);
+        _mm256_storeu_ps(nxt + b * ldh + p * 8, h_next);
+      };
+      step_tiles(B, T, t, p0, p1, a.bias, cur, ldh, w_hh.data(), H, a.x, a.D, w_ih.data(), cell);
       barrier.wait();
     }
     const float* last = hbuf.data() + (T & 1) * B * ldh;
@@ -578,42 +591,11 @@ void gru_backward(Dims d, float* gz /* gates in, [dr, dz, dhn, dn] out */, const
         }
       }
       barrier.wait();
-      // Phase 2, this thread's units: dh_prev = [dr, dz, dhn] W_h{r,z,n}^T + what phase 1 left in dh.
-      for (int64_t q = u0 / 32; q < u1 / 32; ++q) {
-        for (int64_t r0 = 0; r0 < B; r0 += kMR) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMR, B - r0));
-          auto carry = [&](int r, __m512 d0, __m512 d1) {
-            const int64_t b = r0 + r, bt = b * T + t;
-            float* dhb = dh.data() + b * H + q * 32;
-            d0 = _mm512_add_ps(d0, _mm512_loadu_ps(dhb)), d1 = _mm512_add_ps(d1, _mm512_loadu_ps(dhb + 16));
-            if (resets[bt]) {
-              float* a = dh0 + b * H + q * 32;
-              _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), d0));
-              _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), d1));
-              d0 = d1 = _mm512_setzero_ps();
-            }
-            _mm512_storeu_ps(dhb, d0);
-            _mm512_storeu_ps(dhb + 16, d1);
-          };
-          const Seg dz{dzs.data() + ((t & 1) * B + r0) * ldz, ldz, w_hh_t.data() + (q - u0 / 32) * K * 32, 32, K};
-          const Seg none{nullptr, 0, nullptr, 0, 0};
-          tile_rows(rows, dz, none, carry);
-        }
-      }
+      backward_carry(B, T, H, t, u0, u1, dzs.data() + (t & 1) * B * ldz, ldz, w_hh_t.data(), K, resets, dh.data(), dh0);
     }
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = u0; j < u1; ++j) dh0[b * H + j] += dh[b * H + j];
   });
-}
-
-// B, T from the mask; H from w_hh [H, 3H].
-ffi::Error gru_dims(const ffi::Buffer<ffi::PRED>& mask, const ffi::Buffer<ffi::F32>& w_hh, Dims* d) {
-  auto md = mask.dimensions();
-  auto wd = w_hh.dimensions();
-  if (md.size() != 2 || wd.size() != 2 || wd[1] != 3 * wd[0] || wd[0] % 32 != 0)
-    return ffi::Error::InvalidArgument("jaxseq GRU kernel: mask must be [B, T] and W_hh [H, 3H] with H % 32 == 0");
-  d->B = md[0], d->T = md[1], d->H = wd[0];
-  return ffi::Error::Success();
 }
 
 ffi::Error checked_gru_forward(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w_ih,
@@ -621,7 +603,7 @@ ffi::Error checked_gru_forward(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer
                                const ffi::Buffer<ffi::F32>& h0, const ffi::Buffer<ffi::PRED>& mask,
                                const ffi::Buffer<ffi::PRED>& resets, float* ys, float* gates, float* hs, float* hT) {
   Dims d;
-  if (auto e = gru_dims(mask, w_hh, &d); e.failure()) return e;
+  if (auto e = dims(mask, w_hh, 3, &d); e.failure()) return e;
   auto xd = x.dimensions();
   if (xd.size() != 3 || xd[0] != d.B || xd[1] != d.T || w_ih.element_count() != xd[2] * 3 * d.H)
     return ffi::Error::InvalidArgument("jaxseq GRU kernel: x must be [B, T, D] and W_ih [D, 3H]");
@@ -648,7 +630,7 @@ ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> hs, ffi
                       ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> resets, ffi::Buffer<ffi::F32> dys,
                       ffi::Buffer<ffi::F32> dhT, ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0) {
   Dims d;
-  if (auto e = gru_dims(mask, w_hh, &d); e.failure()) return e;
+  if (auto e = dims(mask, w_hh, 3, &d); e.failure()) return e;
   if (gates.element_count() != d.B * d.T * 4 * d.H) return ffi::Error::InvalidArgument("jaxseq GRU kernel: gates must be [B * T, 4H]");
   if (dz->typed_data() != gates.typed_data()) std::copy_n(gates.typed_data(), gates.element_count(), dz->typed_data());
   gru_backward(d, dz->typed_data(), hs.typed_data(), w_hh.typed_data(), mask.typed_data(), resets.typed_data(),
