@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxseq import native
-from jaxseq.native_lstm import _call, _f32, _perm, native_eligible as _lstm_eligible
-
-
-def native_eligible(params, xs) -> bool:
-    """As for the LSTM (`jaxseq.native_lstm.native_eligible`): one CPU device, float32, H % 32 == 0, H >= 128."""
-    return _lstm_eligible(params, xs)
+# The same conditions as the LSTM's (one CPU device, float32, H % 32 == 0, H >= MIN_HIDDEN): the params
+# have the same names.
+from jaxseq.native_lstm import _call, _f32, _perm, native_eligible  # noqa: F401
 
 
 def _forward(params, xs, mask, h0, resets, training):
@@ -51,12 +49,13 @@ def _gru_bwd(res, cts):
     dz, dh0 = _call("jaxseq_gru_bwd", (_f32(b * t, 4 * hidden), _f32(b, hidden)),
                     gates, hs, params["w_hh"], mask, resets, dys, dh, aliases={0: 0})  # [dr, dz, dhn, dn] over the gates
     perm, inv = _perm(hidden)
-    hh, ih = slice(0, 3 * hidden), jnp.r_[0 : 2 * hidden, 3 * hidden : 4 * hidden]  # blocks [r, z, hn] / [r, z, xn]
-    sums = jnp.sum(dz, axis=0)[inv]
+    # dz's panel columns of the blocks [r, z, hn] (W_hh's gradient) and [r, z, xn] (W_ih's), in jaxseq's order
+    hh, ih = inv[: 3 * hidden], np.concatenate([inv[: 2 * hidden], inv[3 * hidden:]])
+    sums = jnp.sum(dz, axis=0)
     w_blocks = jnp.concatenate([params["w_ih"][:, : 2 * hidden], jnp.zeros((d, hidden), dz.dtype), params["w_ih"][:, 2 * hidden:]], 1)
     grads = {
-        "w_ih": (xs.reshape(b * t, d).T @ dz)[:, inv][:, ih],
-        "w_hh": (hs.reshape(b * t, hidden).T @ dz)[:, inv][:, hh],
+        "w_ih": (xs.reshape(b * t, d).T @ dz)[:, ih],
+        "w_hh": (hs.reshape(b * t, hidden).T @ dz)[:, hh],
         "b_ih": sums[ih],
         "b_hh": sums[hh],
     }

@@ -283,9 +283,10 @@ void forward(Dims d, const Forward& a) {
       const float* cur = hbuf.data() + (t & 1) * B * ldh;
       float* nxt = hbuf.data() + ((t + 1) & 1) * B * ldh;
       if (a.hs != nullptr)
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t j = u0; j < u1; ++j)
-            a.hs[(b * T + t) * H + j] = cur[b * ldh + j], a.cs[(b * T + t) * H + j] = c[b * H + j];
+        for (int64_t b = 0; b < B; ++b) {
+          std::copy(cur + b * ldh + u0, cur + b * ldh + u1, a.hs + (b * T + t) * H + u0);
+          std::copy(c.data() + b * H + u0, c.data() + b * H + u1, a.cs + (b * T + t) * H + u0);
+        }
       auto cell = [&](int64_t b, int64_t p, __m512 z0, __m512 z1) {
         const int64_t bt = b * T + t;
         const __m512 i_f = _mm512_fmadd_ps(tanh_ps(_mm512_mul_ps(z0, half)), half, half);
