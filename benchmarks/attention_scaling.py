@@ -154,8 +154,8 @@ def main(argv=None):
             want = [x.detach().float().cpu().numpy().transpose(0, 2, 1, 3) for x in [ref] + [t.grad for t in (tq, tk, tv)]]
             steps["torch-sdpa"] = torch_step
         jax_fns = {name: (lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)) for name, kw in variants}
-        if jax.default_backend() == "gpu":  # the entry point: cuDNN's kernel when eligible
-            jax_fns["jaxseq-attention"] = lambda q, k, v: attention(q, k, v, causal=True)
+        # The entry point: the native kernel on CPU, cuDNN's on GPU when eligible.
+        jax_fns["jaxseq-attention"] = lambda q, k, v: attention(q, k, v, causal=True)
         if not args.no_xla and T <= args.xla_max_len:
             jax_fns["jax-xla"] = lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, implementation="xla"

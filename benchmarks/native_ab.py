@@ -35,9 +35,12 @@ from jaxseq.native_lstm import lstm_sequence_native  # noqa: E402
 
 
 def register_variant(source: Path, flags: list[str], prefix: str = "variant") -> None:
-    """Build `source` with the repo's flags plus `flags`, and register its targets as `prefix_*`."""
+    """Build the library with `source` in place of the repo's rnn_cpu.cc, with the repo's flags plus
+    `flags`, and register its targets as `prefix_*`."""
     out = Path(tempfile.mkdtemp()) / "variant.so"
-    subprocess.run(["g++", *native.FLAGS, *flags, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(out)], check=True)
+    sources = [str(source if p.name == "rnn_cpu.cc" else p) for p in native.SOURCES]
+    include = [f"-I{jax.ffi.include_dir()}", f"-I{native.HERE}"]  # kernels.h for a source outside the package
+    subprocess.run(["g++", *native.FLAGS, *flags, *include, *sources, "-o", str(out)], check=True)
     lib = ctypes.CDLL(str(out))
     for name, symbol in native.TARGETS.items():
         jax.ffi.register_ffi_target(name.replace("jaxseq", prefix, 1), jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -62,7 +65,7 @@ def step(cell_kind, hidden, mode, batch, length, d_in):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", type=Path, default=native.SOURCE, help="B's source (default: the repo's)")
+    ap.add_argument("--variant", type=Path, default=native.HERE / "rnn_cpu.cc", help="B's rnn_cpu.cc (default: the repo's)")
     ap.add_argument("--flags", default="", help="extra compiler flags for B")
     ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
     ap.add_argument("--hidden", default="256,512")

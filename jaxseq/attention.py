@@ -29,7 +29,7 @@ import numpy as np
 from jaxseq.checks import is_concrete
 from jaxseq.errors import ConfigError, ShapeError
 
-_IMPLEMENTATIONS = (None, "xla", "cudnn", "flash")
+_IMPLEMENTATIONS = (None, "xla", "cudnn", "flash", "native")
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -117,27 +117,50 @@ def _pick_implementation(q, implementation):
 # 2.2x at 512, non-causal 1.0x at 256 and 1.7x at 512, slower below 256; two cores at 256: causal 1.3x,
 # non-causal 0.9x). On GPU cuDNN stays the choice.
 FLASH_MIN_LEN = 256
+# The native kernel (jaxseq.native_attention) is taken on a single-device CPU from this many queries and
+# keys on (see NATIVE_MIN_LEN's measurement in benchmarks/README.md, attention attempt 17).
+NATIVE_MIN_LEN = 64
 
 
-def _maybe_flash(q, k, v, mask, causal, bias, q_offset, scale, implementation):
-    """Route to flash_attention when asked, or (auto) on CPU for long sequences it can express."""
-    T, S = q.shape[1], k.shape[1]
-    long_enough = min(T, S) >= (FLASH_MIN_LEN if causal else 2 * FLASH_MIN_LEN)
-    auto = implementation is None and jax.default_backend() == "cpu" and long_enough
-    if implementation != "flash" and not auto:
+def _maybe_blockwise(q, k, v, mask, causal, bias, q_offset, scale, implementation):
+    """Route to the native kernel or jaxseq.flash_attention when asked, or (auto) on CPU when the call
+    is one they can express (causal and/or key padding, no bias) and long enough to gain."""
+    if implementation not in (None, "flash", "native"):
         return None
-    if bias is not None or (mask is not None and len(_shape(mask)) != 2):
-        if auto:
+    T, S = q.shape[1], k.shape[1]
+    expressible = bias is None and (mask is None or len(_shape(mask)) == 2)
+    from jaxseq.native_attention import native_attention, native_eligible
+
+    if implementation is None:
+        if jax.default_backend() != "cpu" or not expressible:
             return None
+        if native_eligible(q, k, v) and min(T, S) >= NATIVE_MIN_LEN:
+            implementation = "native"
+        elif min(T, S) >= (FLASH_MIN_LEN if causal else 2 * FLASH_MIN_LEN):
+            implementation = "flash"
+        else:
+            return None
+    elif not expressible:
         raise ConfigError(
-            "implementation='flash' takes causal masking and a key-padding mask [batch, keys] only; "
+            f"implementation={implementation!r} takes causal masking and a key-padding mask [batch, keys] only; "
             "use implementation='xla' for a bias or a [B, T, S] / [B, H, T, S] mask."
         )
-    from jaxseq.flash_attention import flash_attention
+    elif implementation == "native" and not native_eligible(q, k, v):
+        from jaxseq import native
 
+        raise ConfigError(
+            "implementation='native' needs float32 q, k, v with head_dim a multiple of 32 on a single-device "
+            f"CPU backend, and the native kernels built ({native.unavailable_reason() or 'they are'}); "
+            "use implementation='flash' or 'xla'."
+        )
     if mask is not None:
         mask = _as_4d_mask(mask, q.shape[0], T, q.shape[2], S)[:, 0, 0, :]  # checks shape and dtype
-    return flash_attention(q, k, v, causal=causal, key_padding_mask=mask, q_offset=q_offset, scale=scale)
+    kw = dict(causal=causal, key_padding_mask=mask, q_offset=q_offset, scale=scale)
+    if implementation == "native":
+        return native_attention(q, k, v, **kw)
+    from jaxseq.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, **kw)
 
 
 def attention(
@@ -180,9 +203,9 @@ def attention(
             raise ShapeError(f"bias has shape {_shape(bias)}; it must broadcast to [batch, heads, queries, keys] = {(B, H, T, S)}.")
     if implementation not in _IMPLEMENTATIONS:
         raise ConfigError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}.")
-    flash = _maybe_flash(q, k, v, mask, causal, bias, q_offset, scale, implementation)
-    if flash is not None:
-        return flash
+    blockwise = _maybe_blockwise(q, k, v, mask, causal, bias, q_offset, scale, implementation)
+    if blockwise is not None:
+        return blockwise
     full = None
     if mask is not None:
         full = _as_4d_mask(mask, B, T, H, S)

@@ -24,13 +24,16 @@ from pathlib import Path
 
 import jax
 
-SOURCE = Path(__file__).with_name("rnn_cpu.cc")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "rnn_cpu.cc", HERE / "attention_cpu.cc"]
+HEADERS = [HERE / "kernels.h"]
 # Explicit ISA flags rather than -march=native: the library may be built on one machine of a cluster
 # and loaded on another; `_cpu_supported` checks these features before anything is loaded.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512dq", "-mfma", "-mavx2", "-pthread"]
 TARGETS = {
     "jaxseq_lstm_fwd": "JaxseqLstmFwd", "jaxseq_lstm_infer": "JaxseqLstmInfer", "jaxseq_lstm_bwd": "JaxseqLstmBwd",
     "jaxseq_gru_fwd": "JaxseqGruFwd", "jaxseq_gru_infer": "JaxseqGruInfer", "jaxseq_gru_bwd": "JaxseqGruBwd",
+    "jaxseq_attention_fwd": "JaxseqAttentionFwd", "jaxseq_attention_bwd": "JaxseqAttentionBwd",
 }
 _REASON: list[str] = []
 
@@ -52,17 +55,18 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """Compile SOURCE (once per source, flags and jaxlib version) and return the library's path."""
+    """Compile SOURCES (once per sources, flags and jaxlib version) and return the library's path."""
     import jaxlib
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"rnn_cpu-{key}.so"
+    text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -87,8 +91,8 @@ def _load() -> ctypes.CDLL | None:
         for name, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA path
-        _REASON.append(f"building or loading {SOURCE.name} failed: {e}")
-        warnings.warn(f"jaxseq: native RNN kernels unavailable, using the XLA path ({_REASON[-1][:300]})", stacklevel=3)
+        _REASON.append(f"building or loading {', '.join(p.name for p in SOURCES)} failed: {e}")
+        warnings.warn(f"jaxseq: native kernels unavailable, using the XLA path ({_REASON[-1][:300]})", stacklevel=3)
         return None
     return lib
 

@@ -26,24 +26,16 @@
 // Semantics are those of jaxseq.fused_rnn.lstm_sequence: a reset before step t replaces the carry by
 // (h0, c0); a masked step holds the carry and outputs 0; cotangents follow the same rules.
 
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstdlib>
 #include <string>
-#include <thread>
-#include <vector>
-#include <sys/mman.h>
 
+#include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kMR = 8;  // rows of a matmul tile; 8 x 32 outputs = 16 zmm accumulators
+using namespace jaxseq_native;
 
 // tanh as XLA:CPU and Eigen compute it: a 13/6 rational approximation on [-7.9, 7.9] (float32 to a
 // few ulp; 3.2e-7 absolute error measured on [-12, 12]), the identity below 4e-4.
@@ -73,53 +65,6 @@ inline __m512 tanh_ps(__m512 x) {
 
 inline __m256 tanh8(__m256 x) { return _mm512_castps512_ps256(tanh_ps(_mm512_castps256_ps512(x))); }
 
-// One operand pair of a tile's matmul: rows of A (row stride lda) times B's 32 columns (row stride ldb).
-struct Seg {
-  const float* A;
-  int64_t lda;
-  const float* B;
-  int64_t ldb;
-  int64_t K;
-};
-
-template <int MR>
-__attribute__((always_inline)) inline void accumulate(const Seg& s, __m512 (&acc)[MR][2]) {
-  for (int64_t k = 0; k < s.K; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(s.B + k * s.ldb), b1 = _mm512_loadu_ps(s.B + k * s.ldb + 16);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(s.A[r * s.lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-    }
-  }
-}
-
-// For r < MR: epilogue(r, acc0, acc1), acc = the sum over the segments of A[r, :] B[:, 0:32] (2 zmm).
-// Inlined whole, epilogue included, so the 16 accumulators stay in registers (passed out by
-// reference they went through memory: 2.4x slower, measured). s2.K may be 0.
-template <int MR, typename Epilogue>
-__attribute__((always_inline)) inline void tile(const Seg& s1, const Seg& s2, Epilogue& epilogue) {
-  __m512 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  accumulate<MR>(s1, acc);
-  accumulate<MR>(s2, acc);
-  for (int r = 0; r < MR; ++r) epilogue(r, acc[r][0], acc[r][1]);
-}
-
-// `tile` for the last rows of a batch that is not a multiple of kMR.
-template <typename Epilogue>
-inline void tile_rows(int rows, const Seg& s1, const Seg& s2, Epilogue& epilogue) {
-  switch (rows) {
-    case 8: return tile<8>(s1, s2, epilogue);
-    case 7: return tile<7>(s1, s2, epilogue);
-    case 6: return tile<6>(s1, s2, epilogue);
-    case 5: return tile<5>(s1, s2, epilogue);
-    case 4: return tile<4>(s1, s2, epilogue);
-    case 3: return tile<3>(s1, s2, epilogue);
-    case 2: return tile<2>(s1, s2, epilogue);
-    default: return tile<1>(s1, s2, epilogue);
-  }
-}
 
 // Column q of the LSTM's panel order -> column of jaxseq's [i | f | g | o] order (blocks of H).
 inline int64_t source_column(int64_t q, int64_t H) { return ((q % 32) / 8) * H + 8 * (q / 32) + q % 8; }
@@ -148,46 +93,10 @@ void pack_panels_transposed(const float* W, int64_t ld, int64_t K, int64_t q0, i
     }
 }
 
-// A spin barrier (a generation counter): the threads of one call meet once a step (~1 us).
-class Barrier {
- public:
-  explicit Barrier(int n) : n_(n) {}
-  void wait() {
-    if (n_ == 1) return;
-    const int gen = gen_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      count_.store(0, std::memory_order_relaxed);
-      gen_.fetch_add(1, std::memory_order_release);
-    } else {
-      // Spin (a step is ~100 us, a futex wake-up costs tens), but yield now and then: a thread of
-      // this call that the OS has descheduled must get the core back.
-      for (int spins = 1; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-        _mm_pause();
-        if (spins % 4096 == 0) std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  const int n_;
-  std::atomic<int> count_{0};
-  std::atomic<int> gen_{0};
-};
-
 // Threads for a call: one per group of 32 hidden units at most, at most the machine's cores
 // (JAXSEQ_NATIVE_THREADS overrides).
 int thread_count(int64_t hidden) {
-  int n = static_cast<int>(std::thread::hardware_concurrency());
-  if (const char* env = std::getenv("JAXSEQ_NATIVE_THREADS")) n = std::atoi(env);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({n > 0 ? n : 1, hidden / 32, 64})));
-}
-
-template <typename Work>
-void run_threads(int n, Work work) {
-  std::vector<std::thread> others;
-  for (int i = 1; i < n; ++i) others.emplace_back(work, i);
-  work(0);
-  for (auto& t : others) t.join();
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({max_threads(), hidden / 32, 64})));
 }
 
 struct Dims {
@@ -205,16 +114,6 @@ ffi::Error dims(const ffi::Buffer<ffi::PRED>& mask, const ffi::Buffer<ffi::F32>&
   return ffi::Error::Success();
 }
 
-// Asks the kernel for 2 MB pages over the 2 MB-aligned part of [p, p + bytes). The training outputs
-// are large (the gates alone are 33.5 MB at hidden 512, batch 32, length 128), and XLA's temporaries
-// past glibc's 32 MB mmap threshold are mapped afresh on every call, so each 4 KB page faulted in
-// as it was first written: 2 MB pages took the training step at hidden 512 from 212.6 to 191.5 ms
-// (and 205.2 -> 185.4 ms in another run). A no-op where transparent huge pages are off.
-void advise_huge(void* p, int64_t bytes) {
-  const uintptr_t huge = uintptr_t{1} << 21, a = reinterpret_cast<uintptr_t>(p);
-  const uintptr_t lo = (a + huge - 1) & ~(huge - 1), hi = (a + bytes) & ~(huge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-}
 
 // One forward step's matmuls over this thread's panels p0..p1: cell(b, p, z0, z1) receives row b's 32
 // pre-activations of panel p, bias added, from [h | x_t] [W_hh; W_ih] (the panels packed by the caller;

@@ -1,0 +1,409 @@
+// Scaled dot-product attention on x86-64 CPUs with AVX-512, as XLA FFI custom calls: FlashAttention-2's
+// forward and backward (Dao 2023) in float32, one (batch, head) at a time per thread.
+//
+// Why: jaxseq.flash_attention, the same algorithm written in JAX, ran at 0.68x-0.95x PyTorch's SDPA
+// on two cores (benchmarks/README.md, attention attempts 1-16): XLA:CPU dispatches each block pair's
+// ~10 ops one after another, its batched matmuls leave a core idle between them, and moving to the
+// blocked layout and back costs a fifth of the step at short lengths. Here a block pair is five
+// register-tiled matmuls whose epilogues hold the softmax, over operands packed once per head, in the
+// caller's [B, T, H, d] layout, and the threads split the (batch, head) pairs with no barrier at all.
+//
+//   jaxseq_attention_fwd: q [B, T, H, d], k, v [B, S, Hkv, d] (H % Hkv == 0), kvalid [B, S] (pred),
+//     offset [B] (s32); attributes causal (bool), scale (f32)
+//     -> out [B, T, H, d], lse [B, H, T] (the log-sum-exp of each query's scaled scores)
+//   jaxseq_attention_bwd: q, k, v, kvalid, offset, out, lse, dout [B, T, H, d]; the same attributes
+//     -> dq [B, T, H, d], dk, dv [B, S, Hkv, d]
+//
+// Semantics are jaxseq.attention's: query t of row b sits at position offset[b] + t and, when causal,
+// sees the keys s <= offset[b] + t; a key whose kvalid is false is seen by no query. A query that sees
+// no key returns exact zeros, lse = +inf, and zero gradients. Key blocks that the causal mask hides
+// from a whole query block are skipped, so causal attention does about half the work.
+//
+// Blocks are kBlock queries x kBlock keys. Packed per head (zero-padded to whole blocks): K^T and Q^T
+// in blocks [n][d][kBlock] (the B operand of the score matmuls: rows of a 32-column panel kBlock floats
+// apart, never on one cache set as the caller's rows H*d floats apart would be), and copies of the rows.
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace jaxseq_native;
+
+constexpr int64_t kBlock = 64;  // queries and keys per block: two 32-column tile panels
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// exp(x) in float32: Cephes' expf (a degree-6 polynomial on [-ln 2 / 2, ln 2 / 2], ~1 ulp) times 2^n by
+// scalef. Inputs below -110 give exactly 0: the masked scores (-inf) and the rows whose lse is +inf.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln 2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512i iota16() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+
+// int32 of a position, clamped: positions only meet in comparisons against indices below 2^30.
+inline int32_t pos32(int64_t p) { return static_cast<int32_t>(std::clamp<int64_t>(p, -(int64_t{1} << 30), int64_t{1} << 30)); }
+
+// Of the 16 keys k0.., those query position qpos may see: valid, and (causal) at positions <= qpos.
+inline __mmask16 keys_seen(const int32_t* kvi, int64_t k0, bool causal, int64_t qpos) {
+  const __m512i valid = _mm512_loadu_si512(kvi + k0);
+  __mmask16 m = _mm512_test_epi32_mask(valid, valid);
+  if (causal) m &= _mm512_cmple_epi32_mask(_mm512_add_epi32(iota16(), _mm512_set1_epi32(pos32(k0))), _mm512_set1_epi32(pos32(qpos)));
+  return m;
+}
+
+// Of the 16 queries q0.. (positions offset + q), those that see key kpos (valid, as kvi says).
+inline __mmask16 queries_seeing(bool key_valid, int64_t q0, int64_t offset, bool causal, int64_t kpos) {
+  if (!key_valid) return 0;
+  if (!causal) return 0xFFFF;
+  return _mm512_cmpge_epi32_mask(_mm512_add_epi32(iota16(), _mm512_set1_epi32(pos32(q0 + offset))), _mm512_set1_epi32(pos32(kpos)));
+}
+
+inline float hsum(__m512 x) { return _mm512_reduce_add_ps(x); }
+
+struct Dims {
+  int64_t B, T, S, H, Hkv, d;
+  int64_t nq() const { return (T + kBlock - 1) / kBlock; }
+  int64_t nk() const { return (S + kBlock - 1) / kBlock; }
+};
+
+ffi::Error dims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                const ffi::Buffer<ffi::PRED>& kvalid, const ffi::Buffer<ffi::S32>& offset, Dims* d) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = kvalid.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2)
+    return ffi::Error::InvalidArgument("jaxseq attention kernel: q, k, v must be rank 4 and kvalid [B, S]");
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("jaxseq attention kernel: k and v shapes differ");
+  *d = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+  if (kd[0] != d->B || kd[3] != d->d || d->H % d->Hkv != 0 || d->d % 32 != 0 || md[0] != d->B || md[1] != d->S ||
+      offset.element_count() != d->B)
+    return ffi::Error::InvalidArgument(
+        "jaxseq attention kernel: needs q [B, T, H, d], k, v [B, S, Hkv, d] with H % Hkv == 0 and d % 32 == 0, "
+        "kvalid [B, S] and offset [B]");
+  return ffi::Error::Success();
+}
+
+// One key/value head of one batch row, packed: rows kr, vr [nk * kBlock][d], K^T blocks kt
+// [nk][d][kBlock], kvi [nk * kBlock] (1 = valid; 0 past S), and which key blocks are wholly valid.
+struct PackedKV {
+  std::vector<float> kr, vr, kt;
+  std::vector<int32_t> kvi;
+  std::vector<char> whole;
+  int64_t packed = -1;  // which (b, kv head) it holds
+
+  explicit PackedKV(const Dims& d)
+      : kr(d.nk() * kBlock * d.d), vr(kr.size()), kt(kr.size()), kvi(d.nk() * kBlock), whole(d.nk()) {}
+
+  void pack(const Dims& d, const float* k, const float* v, const bool* kvalid, int64_t b, int64_t hk, bool rows_of_k) {
+    if (packed == b * d.Hkv + hk) return;
+    packed = b * d.Hkv + hk;
+    for (int64_t s = 0; s < d.S; ++s) {
+      const float* ks = k + ((b * d.S + s) * d.Hkv + hk) * d.d;
+      const float* vs = v + ((b * d.S + s) * d.Hkv + hk) * d.d;
+      float* kt_s = kt.data() + (s / kBlock) * d.d * kBlock + s % kBlock;
+      for (int64_t e = 0; e < d.d; ++e) kt_s[e * kBlock] = ks[e];
+      std::copy(vs, vs + d.d, vr.data() + s * d.d);
+      if (rows_of_k) std::copy(ks, ks + d.d, kr.data() + s * d.d);
+      kvi[s] = kvalid[b * d.S + s] ? 1 : 0;
+    }
+    for (int64_t j = 0; j < d.nk(); ++j) {
+      whole[j] = 1;
+      for (int64_t s = j * kBlock; s < (j + 1) * kBlock; ++s) whole[j] &= kvi[s];
+    }
+  }
+};
+
+// Key blocks [0, end) hold every key that queries q0..q1-1 may see (causal: positions <= offset + q).
+inline int64_t key_blocks_seen(const Dims& d, bool causal, int64_t offset, int64_t q_last) {
+  if (!causal) return d.nk();
+  const int64_t last_key = offset + q_last;
+  return last_key < 0 ? 0 : std::min(d.nk(), last_key / kBlock + 1);
+}
+
+// Must block pair (query block i, key block j) be masked element-wise?
+inline bool needs_mask(const PackedKV& kv, bool causal, int64_t offset, int64_t i, int64_t j) {
+  return !kv.whole[j] || (causal && (j + 1) * kBlock - 1 > offset + i * kBlock);
+}
+
+const Seg kNone{nullptr, 0, nullptr, 0, 0};
+
+// ------------------------------------------------------------------------------------------- forward
+
+struct Forward {
+  const float *q, *k, *v;
+  const bool* kvalid;
+  const int32_t* offset;
+  bool causal;
+  float scale;
+  float *out, *lse;
+};
+
+void forward(const Dims& d, const Forward& a) {
+  const int64_t G = d.H / d.Hkv, units = d.B * d.H, D = d.d;
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), units)));
+  run_threads(n, [&](int tid) {
+    PackedKV kv(d);
+    std::vector<float> qc(kBlock * D), s(kBlock * kBlock), o(kBlock * D), m(kBlock), l(kBlock), alpha(kBlock);
+    for (int64_t u = units * tid / n; u < units * (tid + 1) / n; ++u) {  // u = b * H + h
+      const int64_t b = u / d.H, h = u % d.H, off = a.offset[b];
+      kv.pack(d, a.k, a.v, a.kvalid, b, h / G, false);
+      for (int64_t i = 0; i < d.nq(); ++i) {
+        const int64_t rows = std::min(kBlock, d.T - i * kBlock);
+        // This block's queries, scaled, in rows D floats apart; rows past T are zeros.
+        std::fill(qc.begin(), qc.end(), 0.0f);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* qr = a.q + ((b * d.T + i * kBlock + r) * d.H + h) * D;
+          for (int64_t e = 0; e < D; ++e) qc[r * D + e] = qr[e] * a.scale;
+        }
+        std::fill(m.begin(), m.end(), -kInf);
+        std::fill(l.begin(), l.end(), 0.0f);
+        const int64_t nj = key_blocks_seen(d, a.causal, off, i * kBlock + rows - 1);
+        for (int64_t j = 0; j < nj; ++j) {
+          const bool masked = needs_mask(kv, a.causal, off, i, j);
+          // Scores S = (scale q) K_j^T [kBlock, kBlock], -inf where masked.
+          for (int64_t rt = 0; rt < kBlock; rt += kMR)
+            for (int64_t p = 0; p < kBlock; p += 32) {
+              auto store = [&](int r, __m512 a0, __m512 a1) {
+                float* sr = s.data() + (rt + r) * kBlock + p;
+                if (masked) {
+                  const int64_t qpos = off + i * kBlock + rt + r, k0 = j * kBlock + p;
+                  a0 = _mm512_mask_blend_ps(keys_seen(kv.kvi.data(), k0, a.causal, qpos), _mm512_set1_ps(-kInf), a0);
+                  a1 = _mm512_mask_blend_ps(keys_seen(kv.kvi.data(), k0 + 16, a.causal, qpos), _mm512_set1_ps(-kInf), a1);
+                }
+                _mm512_storeu_ps(sr, a0);
+                _mm512_storeu_ps(sr + 16, a1);
+              };
+              tile<kMR>(Seg{qc.data() + rt * D, D, kv.kt.data() + j * D * kBlock + p, kBlock, D}, kNone, store);
+            }
+          // Online softmax: P = exp(S - m_new) in place, alpha = exp(m_old - m_new), l = alpha l + rowsum P.
+          for (int64_t r = 0; r < kBlock; ++r) {
+            float* sr = s.data() + r * kBlock;
+            __m512 mx = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(sr), _mm512_loadu_ps(sr + 16)),
+                                      _mm512_max_ps(_mm512_loadu_ps(sr + 32), _mm512_loadu_ps(sr + 48)));
+            const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+            if (m_new == -kInf) {  // nothing seen yet: P = 0 and the accumulators stay 0
+              std::fill(sr, sr + kBlock, 0.0f);
+              alpha[r] = 1.0f;
+              continue;
+            }
+            const __m512 shift = _mm512_set1_ps(m_new);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t c = 0; c < kBlock; c += 16) {
+              const __m512 pc = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + c), shift));
+              _mm512_storeu_ps(sr + c, pc);
+              sum = _mm512_add_ps(sum, pc);
+            }
+            alpha[r] = std::exp(m[r] - m_new);
+            l[r] = alpha[r] * l[r] + hsum(sum);
+            m[r] = m_new;
+          }
+          // o = alpha o + P V_j.
+          for (int64_t rt = 0; rt < kBlock; rt += kMR)
+            for (int64_t p = 0; p < D; p += 32) {
+              auto update = [&](int r, __m512 a0, __m512 a1) {
+                float* orow = o.data() + (rt + r) * D + p;
+                if (j > 0) {
+                  const __m512 al = _mm512_set1_ps(alpha[rt + r]);
+                  a0 = _mm512_fmadd_ps(al, _mm512_loadu_ps(orow), a0);
+                  a1 = _mm512_fmadd_ps(al, _mm512_loadu_ps(orow + 16), a1);
+                }
+                _mm512_storeu_ps(orow, a0);
+                _mm512_storeu_ps(orow + 16, a1);
+              };
+              tile<kMR>(Seg{s.data() + rt * kBlock, kBlock, kv.vr.data() + j * kBlock * D + p, D, kBlock}, kNone, update);
+            }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t t = i * kBlock + r;
+          float* out_r = a.out + ((b * d.T + t) * d.H + h) * D;
+          const bool seen = nj > 0 && l[r] > 0.0f;
+          const float inv = seen ? 1.0f / l[r] : 0.0f;
+          for (int64_t e = 0; e < D; ++e) out_r[e] = seen ? o[r * D + e] * inv : 0.0f;
+          a.lse[(b * d.H + h) * d.T + t] = seen ? m[r] + std::log(l[r]) : kInf;
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ backward
+
+struct Backward {
+  const float *q, *k, *v;
+  const bool* kvalid;
+  const int32_t* offset;
+  bool causal;
+  float scale;
+  const float *out, *lse, *dout;
+  float *dq, *dk, *dv;
+};
+
+// Per (batch row, kv head), for each of its G query heads: the queries' packed copies, then over key
+// blocks j and the query blocks i that see them (FlashAttention-2's order), all in transposed form so
+// every product is a plain matmul of packed operands:
+//   P^T = exp(K_j (scale Q_i)^T - lse_i), dS^T = P^T * (V_j dO_i^T - delta_i),
+//   dV_j += P^T dO_i, dK_j += dS^T (scale Q_i), dQ_i^T += K_j^T dS^T  (dQ = scale dS K at the end).
+void backward(const Dims& d, const Backward& a) {
+  const int64_t G = d.H / d.Hkv, units = d.B * d.Hkv, D = d.d, Tp = d.nq() * kBlock, Sp = d.nk() * kBlock;
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), units)));
+  run_threads(n, [&](int tid) {
+    PackedKV kv(d);
+    std::vector<float> qs(Tp * D), qt(Tp * D), dor(Tp * D), dot(Tp * D), dqt(Tp * D), lse(Tp), delta(Tp);
+    std::vector<float> dk(Sp * D), dv(Sp * D), pt(kBlock * kBlock), dst(kBlock * kBlock);
+    for (int64_t u = units * tid / n; u < units * (tid + 1) / n; ++u) {  // u = b * Hkv + hk
+      const int64_t b = u / d.Hkv, hk = u % d.Hkv, off = a.offset[b];
+      kv.pack(d, a.k, a.v, a.kvalid, b, hk, true);
+      std::fill(dk.begin(), dk.end(), 0.0f);
+      std::fill(dv.begin(), dv.end(), 0.0f);
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        for (int64_t t = 0; t < d.T; ++t) {
+          const int64_t at = ((b * d.T + t) * d.H + h) * D;
+          float* qt_t = qt.data() + (t / kBlock) * D * kBlock + t % kBlock;
+          float* dot_t = dot.data() + (t / kBlock) * D * kBlock + t % kBlock;
+          float dsum = 0.0f;
+          for (int64_t e = 0; e < D; ++e) {
+            const float qe = a.q[at + e] * a.scale, de = a.dout[at + e];
+            qs[t * D + e] = qe, qt_t[e * kBlock] = qe;
+            dor[t * D + e] = de, dot_t[e * kBlock] = de;
+            dsum += de * a.out[at + e];
+          }
+          lse[t] = a.lse[(b * d.H + h) * d.T + t];
+          delta[t] = dsum;
+        }
+        std::fill(lse.begin() + d.T, lse.end(), kInf);  // padded queries: P = 0
+        std::fill(dqt.begin(), dqt.end(), 0.0f);
+        for (int64_t j = 0; j < d.nk(); ++j) {
+          for (int64_t i = 0; i < d.nq(); ++i) {
+            const int64_t rows = std::min(kBlock, d.T - i * kBlock);
+            if (key_blocks_seen(d, a.causal, off, i * kBlock + rows - 1) <= j) continue;
+            const bool masked = needs_mask(kv, a.causal, off, i, j);
+            const float* lse_i = lse.data() + i * kBlock;
+            const float* delta_i = delta.data() + i * kBlock;
+            for (int64_t rt = 0; rt < kBlock; rt += kMR)
+              for (int64_t p = 0; p < kBlock; p += 32) {
+                auto probs = [&](int r, __m512 a0, __m512 a1) {
+                  __m512 p0 = exp_ps(_mm512_sub_ps(a0, _mm512_loadu_ps(lse_i + p)));
+                  __m512 p1 = exp_ps(_mm512_sub_ps(a1, _mm512_loadu_ps(lse_i + p + 16)));
+                  if (masked) {
+                    const int64_t key = j * kBlock + rt + r, q0 = i * kBlock + p;
+                    const bool valid = kv.kvi[key] != 0;
+                    p0 = _mm512_maskz_mov_ps(queries_seeing(valid, q0, off, a.causal, key), p0);
+                    p1 = _mm512_maskz_mov_ps(queries_seeing(valid, q0 + 16, off, a.causal, key), p1);
+                  }
+                  float* row = pt.data() + (rt + r) * kBlock + p;
+                  _mm512_storeu_ps(row, p0);
+                  _mm512_storeu_ps(row + 16, p1);
+                };
+                tile<kMR>(Seg{kv.kr.data() + (j * kBlock + rt) * D, D, qt.data() + i * D * kBlock + p, kBlock, D}, kNone, probs);
+                auto dscores = [&](int r, __m512 a0, __m512 a1) {
+                  const float* prow = pt.data() + (rt + r) * kBlock + p;
+                  float* row = dst.data() + (rt + r) * kBlock + p;
+                  _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_loadu_ps(prow), _mm512_sub_ps(a0, _mm512_loadu_ps(delta_i + p))));
+                  _mm512_storeu_ps(row + 16, _mm512_mul_ps(_mm512_loadu_ps(prow + 16), _mm512_sub_ps(a1, _mm512_loadu_ps(delta_i + p + 16))));
+                };
+                tile<kMR>(Seg{kv.vr.data() + (j * kBlock + rt) * D, D, dot.data() + i * D * kBlock + p, kBlock, D}, kNone, dscores);
+              }
+            // dV_j += P^T dO_i and dK_j += dS^T (scale Q_i): [kBlock keys, D].
+            for (int64_t rt = 0; rt < kBlock; rt += kMR)
+              for (int64_t p = 0; p < D; p += 32) {
+                float* dv_row = dv.data() + (j * kBlock + rt) * D + p;
+                float* dk_row = dk.data() + (j * kBlock + rt) * D + p;
+                auto add_to = [](float* base, int64_t ld) {
+                  return [base, ld](int r, __m512 a0, __m512 a1) {
+                    float* row = base + r * ld;
+                    _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), a0));
+                    _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), a1));
+                  };
+                };
+                auto to_dv = add_to(dv_row, D);
+                auto to_dk = add_to(dk_row, D);
+                tile<kMR>(Seg{pt.data() + rt * kBlock, kBlock, dor.data() + i * kBlock * D + p, D, kBlock}, kNone, to_dv);
+                tile<kMR>(Seg{dst.data() + rt * kBlock, kBlock, qs.data() + i * kBlock * D + p, D, kBlock}, kNone, to_dk);
+              }
+            // dQ_i^T += K_j^T dS^T: [D, kBlock queries].
+            for (int64_t rt = 0; rt < D; rt += kMR)
+              for (int64_t p = 0; p < kBlock; p += 32) {
+                float* base = dqt.data() + i * D * kBlock + rt * kBlock + p;
+                auto to_dq = [base](int r, __m512 a0, __m512 a1) {
+                  float* row = base + r * kBlock;
+                  _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), a0));
+                  _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), a1));
+                };
+                tile<kMR>(Seg{kv.kt.data() + j * D * kBlock + rt * kBlock, kBlock, dst.data() + p, kBlock, kBlock}, kNone, to_dq);
+              }
+          }
+        }
+        for (int64_t t = 0; t < d.T; ++t) {
+          const float* dqt_t = dqt.data() + (t / kBlock) * D * kBlock + t % kBlock;
+          float* dq_t = a.dq + ((b * d.T + t) * d.H + h) * D;
+          for (int64_t e = 0; e < D; ++e) dq_t[e] = a.scale * dqt_t[e * kBlock];
+        }
+      }
+      for (int64_t s = 0; s < d.S; ++s) {
+        const int64_t at = ((b * d.S + s) * d.Hkv + hk) * D;
+        std::copy(dk.data() + s * D, dk.data() + (s + 1) * D, a.dk + at);
+        std::copy(dv.data() + s * D, dv.data() + (s + 1) * D, a.dv + at);
+      }
+    }
+  });
+}
+
+ffi::Error AttentionFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::PRED> kvalid, ffi::Buffer<ffi::S32> offset, bool causal, float scale,
+                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Dims d;
+  if (auto e = dims(q, k, v, kvalid, offset, &d); e.failure()) return e;
+  forward(d, Forward{q.typed_data(), k.typed_data(), v.typed_data(), kvalid.typed_data(), offset.typed_data(), causal,
+                     scale, out->typed_data(), lse->typed_data()});
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::PRED> kvalid, ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> out,
+                            ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, bool causal, float scale,
+                            ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                            ffi::ResultBuffer<ffi::F32> dv) {
+  Dims d;
+  if (auto e = dims(q, k, v, kvalid, offset, &d); e.failure()) return e;
+  backward(d, Backward{q.typed_data(), k.typed_data(), v.typed_data(), kvalid.typed_data(), offset.typed_data(),
+                       causal, scale, out.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(),
+                       dk->typed_data(), dv->typed_data()});
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+using F32 = ffi::Buffer<ffi::F32>;
+using Pred = ffi::Buffer<ffi::PRED>;
+using S32 = ffi::Buffer<ffi::S32>;
+using Out = ffi::ResultBuffer<ffi::F32>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqAttentionFwd, AttentionFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<S32>()
+                                  .Attr<bool>("causal").Attr<float>("scale")
+                                  .Ret<F32>().Ret<F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqAttentionBwd, AttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<S32>().Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Attr<bool>("causal").Attr<float>("scale")
+                                  .Ret<F32>().Ret<F32>().Ret<F32>());

@@ -1,0 +1,101 @@
+"""Attention on the native CPU kernel (`jaxseq/native/attention_cpu.cc`): FlashAttention-2's forward and
+backward as two XLA FFI custom calls, float32, in the caller's [B, T, H, d] layout.
+
+Same semantics as `jaxseq.flash_attention` (causal masking with a query offset, static or traced and
+per row; a key-padding mask; grouped-query heads; exact zeros and zero gradients for a query that sees
+no key), which it replaces on a single-device CPU backend when `native_eligible` holds (through
+`jaxseq.attention`). The JAX implementation is the reference it is tested against
+(tests/test_native_attention.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseq import native
+from jaxseq.attention import _check_qkv
+from jaxseq.errors import ShapeError
+
+
+def native_eligible(q, k, v) -> bool:
+    """Static conditions for the native kernel: the CPU backend with one device (a sharded program keeps
+    the XLA path, which XLA can partition), float32 q, k, v, head_dim a multiple of 32, and the kernels
+    built."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    if any(x.dtype != jnp.float32 or x.ndim != 4 for x in (q, k, v)):
+        return False
+    return q.shape[-1] % 32 == 0 and native.available()
+
+
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _forward(q, k, v, kvalid, offset, causal, scale):
+    B, T, H, _ = q.shape
+    call = jax.ffi.ffi_call("jaxseq_attention_fwd", (_f32(*q.shape), _f32(B, H, T)), vmap_method="sequential")
+    return call(q, k, v, kvalid, offset, causal=causal, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, kvalid, offset, causal, scale):
+    return _forward(q, k, v, kvalid, offset, causal, scale)[0]
+
+
+def _attention_fwd(q, k, v, kvalid, offset, causal, scale):
+    out, lse = _forward(q, k, v, kvalid, offset, causal, scale)
+    return out, (q, k, v, kvalid, offset, out, lse)
+
+
+def _attention_bwd(causal, scale, res, dout):
+    q, k, v, kvalid, offset, out, lse = res
+    call = jax.ffi.ffi_call("jaxseq_attention_bwd", (_f32(*q.shape), _f32(*k.shape), _f32(*v.shape)),
+                            vmap_method="sequential")
+    dq, dk, dv = call(q, k, v, kvalid, offset, out, lse, dout.astype(jnp.float32), causal=causal, scale=np.float32(scale))
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def native_attention(q, k, v, *, causal: bool = False, key_padding_mask=None, q_offset=0, scale: float | None = None):
+    """Scaled dot-product attention on the native CPU kernel (check `native_eligible` first).
+
+    Args:
+      q: [B, T, H, d] float32 queries.  k, v: [B, S, Hkv, d], H % Hkv == 0.
+      causal: query i sits at absolute position q_offset + i and sees keys at positions <= that.
+      key_padding_mask: bool [B, S], True = valid key.
+      q_offset: int, or int array [] / [B] (traced is fine: the kernel reads it at run time and still
+        skips the key blocks a query block cannot see). Only used when causal.
+      scale: logit scale, default 1/sqrt(d).
+
+    Returns:
+      [B, T, H, d] float32. A query that may attend to no key returns exact zeros, with zero gradients.
+    """
+    B, T, H, S = _check_qkv(q, k, v)
+    if not native.available():
+        raise RuntimeError(f"jaxseq's native attention kernel is unavailable: {native.unavailable_reason()}")
+    if T == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if key_padding_mask is None:
+        kvalid = jnp.ones((B, S), bool)
+    else:
+        if tuple(np.shape(key_padding_mask)) != (B, S):
+            raise ShapeError(
+                f"key_padding_mask must be bool [batch, keys] = {(B, S)}, got shape {tuple(np.shape(key_padding_mask))}."
+            )
+        kvalid = jnp.asarray(key_padding_mask).astype(bool)
+    offset = jnp.asarray(q_offset if causal else 0)
+    if offset.ndim not in (0, 1) or (offset.ndim == 1 and offset.shape[0] != B):
+        raise ShapeError(f"q_offset must be an int, or an int array of shape [] or [batch] = [{B}], got {offset.shape}.")
+    if not jnp.issubdtype(offset.dtype, jnp.integer):
+        raise ShapeError(f"q_offset must hold integer positions, got dtype {offset.dtype}.")
+    offset = jnp.broadcast_to(offset.astype(jnp.int32), (B,))
+    return _attention(q, k, v, kvalid, offset, bool(causal), scale)
