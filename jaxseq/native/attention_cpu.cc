@@ -178,24 +178,26 @@ void forward(const Dims& d, const Forward& a) {
         const int64_t nj = key_blocks_seen(d, a.causal, off, i * kBlock + rows - 1);
         for (int64_t j = 0; j < nj; ++j) {
           const bool masked = needs_mask(kv, a.causal, off, i, j);
-          // Scores S = (scale q) K_j^T [kBlock, kBlock], -inf where masked.
+          // Scores S = (scale q) K_j^T [kBlock, kBlock]. (Masking here, in the epilogue, made GCC keep the
+          // accumulators in memory: it is done in the softmax pass below.)
           for (int64_t rt = 0; rt < kBlock; rt += kMR)
             for (int64_t p = 0; p < kBlock; p += 32) {
-              auto store = [&](int r, __m512 a0, __m512 a1) {
-                float* sr = s.data() + (rt + r) * kBlock + p;
-                if (masked) {
-                  const int64_t qpos = off + i * kBlock + rt + r, k0 = j * kBlock + p;
-                  a0 = _mm512_mask_blend_ps(keys_seen(kv.kvi.data(), k0, a.causal, qpos), _mm512_set1_ps(-kInf), a0);
-                  a1 = _mm512_mask_blend_ps(keys_seen(kv.kvi.data(), k0 + 16, a.causal, qpos), _mm512_set1_ps(-kInf), a1);
-                }
-                _mm512_storeu_ps(sr, a0);
-                _mm512_storeu_ps(sr + 16, a1);
+              float* base = s.data() + rt * kBlock + p;
+              auto store = [base](int r, __m512 a0, __m512 a1) {
+                _mm512_storeu_ps(base + r * kBlock, a0);
+                _mm512_storeu_ps(base + r * kBlock + 16, a1);
               };
               tile<kMR>(Seg{qc.data() + rt * D, D, kv.kt.data() + j * D * kBlock + p, kBlock, D}, kNone, store);
             }
           // Online softmax: P = exp(S - m_new) in place, alpha = exp(m_old - m_new), l = alpha l + rowsum P.
           for (int64_t r = 0; r < kBlock; ++r) {
             float* sr = s.data() + r * kBlock;
+            if (masked) {  // -inf where the query may not see the key
+              const int64_t qpos = off + i * kBlock + r;
+              for (int64_t c = 0; c < kBlock; c += 16)
+                _mm512_storeu_ps(sr + c, _mm512_mask_blend_ps(keys_seen(kv.kvi.data(), j * kBlock + c, a.causal, qpos),
+                                                              _mm512_set1_ps(-kInf), _mm512_loadu_ps(sr + c)));
+            }
             __m512 mx = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(sr), _mm512_loadu_ps(sr + 16)),
                                       _mm512_max_ps(_mm512_loadu_ps(sr + 32), _mm512_loadu_ps(sr + 48)));
             const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
@@ -297,22 +299,29 @@ void backward(const Dims& d, const Backward& a) {
             const bool masked = needs_mask(kv, a.causal, off, i, j);
             const float* lse_i = lse.data() + i * kBlock;
             const float* delta_i = delta.data() + i * kBlock;
+            // S^T = K_j (scale Q_i)^T, then P^T = exp(S^T - lse_i) in place, 0 where masked. (The exp in the
+            // tile's epilogue, with its constants, made GCC keep the accumulators in memory.)
             for (int64_t rt = 0; rt < kBlock; rt += kMR)
               for (int64_t p = 0; p < kBlock; p += 32) {
-                auto probs = [&](int r, __m512 a0, __m512 a1) {
-                  __m512 p0 = exp_ps(_mm512_sub_ps(a0, _mm512_loadu_ps(lse_i + p)));
-                  __m512 p1 = exp_ps(_mm512_sub_ps(a1, _mm512_loadu_ps(lse_i + p + 16)));
-                  if (masked) {
-                    const int64_t key = j * kBlock + rt + r, q0 = i * kBlock + p;
-                    const bool valid = kv.kvi[key] != 0;
-                    p0 = _mm512_maskz_mov_ps(queries_seeing(valid, q0, off, a.causal, key), p0);
-                    p1 = _mm512_maskz_mov_ps(queries_seeing(valid, q0 + 16, off, a.causal, key), p1);
-                  }
-                  float* row = pt.data() + (rt + r) * kBlock + p;
-                  _mm512_storeu_ps(row, p0);
-                  _mm512_storeu_ps(row + 16, p1);
+                float* base = pt.data() + rt * kBlock + p;
+                auto store = [base](int r, __m512 a0, __m512 a1) {
+                  _mm512_storeu_ps(base + r * kBlock, a0);
+                  _mm512_storeu_ps(base + r * kBlock + 16, a1);
                 };
-                tile<kMR>(Seg{kv.kr.data() + (j * kBlock + rt) * D, D, qt.data() + i * D * kBlock + p, kBlock, D}, kNone, probs);
+                tile<kMR>(Seg{kv.kr.data() + (j * kBlock + rt) * D, D, qt.data() + i * D * kBlock + p, kBlock, D}, kNone, store);
+              }
+            for (int64_t r = 0; r < kBlock; ++r) {
+              float* row = pt.data() + r * kBlock;
+              const int64_t key = j * kBlock + r;
+              for (int64_t c = 0; c < kBlock; c += 16) {
+                __m512 pc = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + c), _mm512_loadu_ps(lse_i + c)));
+                if (masked) pc = _mm512_maskz_mov_ps(queries_seeing(kv.kvi[key] != 0, i * kBlock + c, off, a.causal, key), pc);
+                _mm512_storeu_ps(row + c, pc);
+              }
+            }
+            // dS^T = P^T * (V_j dO_i^T - delta_i).
+            for (int64_t rt = 0; rt < kBlock; rt += kMR)
+              for (int64_t p = 0; p < kBlock; p += 32) {
                 auto dscores = [&](int r, __m512 a0, __m512 a1) {
                   const float* prow = pt.data() + (rt + r) * kBlock + p;
                   float* row = dst.data() + (rt + r) * kBlock + p;
