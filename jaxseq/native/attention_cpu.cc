@@ -70,13 +70,6 @@ inline __mmask16 keys_seen(const int32_t* kvi, int64_t k0, bool causal, int64_t 
   return m;
 }
 
-// Of the 16 queries q0.. (positions offset + q), those that see key kpos (valid, as kvi says).
-inline __mmask16 queries_seeing(bool key_valid, int64_t q0, int64_t offset, bool causal, int64_t kpos) {
-  if (!key_valid) return 0;
-  if (!causal) return 0xFFFF;
-  return _mm512_cmpge_epi32_mask(_mm512_add_epi32(iota16(), _mm512_set1_epi32(pos32(q0 + offset))), _mm512_set1_epi32(pos32(kpos)));
-}
-
 inline float hsum(__m512 x) { return _mm512_reduce_add_ps(x); }
 
 struct Dims {
@@ -101,27 +94,31 @@ ffi::Error dims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, 
   return ffi::Error::Success();
 }
 
-// One key/value head of one batch row, packed: rows kr, vr [nk * kBlock][d], K^T blocks kt
-// [nk][d][kBlock], kvi [nk * kBlock] (1 = valid; 0 past S), and which key blocks are wholly valid.
+// One key/value head of one batch row, packed: rows kr, vr [nk * kBlock][d], K^T and V^T blocks kt,
+// vt [nk][d][kBlock], kvi [nk * kBlock] (1 = valid; 0 past S), and which key blocks are wholly valid.
+// The forward pass needs kt and vr, the backward all four.
 struct PackedKV {
-  std::vector<float> kr, vr, kt;
+  std::vector<float> kr, vr, kt, vt;
   std::vector<int32_t> kvi;
   std::vector<char> whole;
   int64_t packed = -1;  // which (b, kv head) it holds
 
   explicit PackedKV(const Dims& d)
-      : kr(d.nk() * kBlock * d.d), vr(kr.size()), kt(kr.size()), kvi(d.nk() * kBlock), whole(d.nk()) {}
+      : kr(d.nk() * kBlock * d.d), vr(kr.size()), kt(kr.size()), vt(kr.size()), kvi(d.nk() * kBlock), whole(d.nk()) {}
 
-  void pack(const Dims& d, const float* k, const float* v, const bool* kvalid, int64_t b, int64_t hk, bool rows_of_k) {
+  void pack(const Dims& d, const float* k, const float* v, const bool* kvalid, int64_t b, int64_t hk, bool backward) {
     if (packed == b * d.Hkv + hk) return;
     packed = b * d.Hkv + hk;
     for (int64_t s = 0; s < d.S; ++s) {
       const float* ks = k + ((b * d.S + s) * d.Hkv + hk) * d.d;
       const float* vs = v + ((b * d.S + s) * d.Hkv + hk) * d.d;
-      float* kt_s = kt.data() + (s / kBlock) * d.d * kBlock + s % kBlock;
-      for (int64_t e = 0; e < d.d; ++e) kt_s[e * kBlock] = ks[e];
+      const int64_t at_t = (s / kBlock) * d.d * kBlock + s % kBlock;
+      for (int64_t e = 0; e < d.d; ++e) kt[at_t + e * kBlock] = ks[e];
       std::copy(vs, vs + d.d, vr.data() + s * d.d);
-      if (rows_of_k) std::copy(ks, ks + d.d, kr.data() + s * d.d);
+      if (backward) {
+        for (int64_t e = 0; e < d.d; ++e) vt[at_t + e * kBlock] = vs[e];
+        std::copy(ks, ks + d.d, kr.data() + s * d.d);
+      }
       kvi[s] = kvalid[b * d.S + s] ? 1 : 0;
     }
     for (int64_t j = 0; j < d.nk(); ++j) {
@@ -258,112 +255,106 @@ struct Backward {
   float *dq, *dk, *dv;
 };
 
-// Per (batch row, kv head), for each of its G query heads: the queries' packed copies, then over key
-// blocks j and the query blocks i that see them (FlashAttention-2's order), all in transposed form so
-// every product is a plain matmul of packed operands:
-//   P^T = exp(K_j (scale Q_i)^T - lse_i), dS^T = P^T * (V_j dO_i^T - delta_i),
-//   dV_j += P^T dO_i, dK_j += dS^T (scale Q_i), dQ_i^T += K_j^T dS^T  (dQ = scale dS K at the end).
+// Per (batch row, kv head), for each of its G query heads: the queries' packed rows, then over key
+// blocks j and the query blocks i that see them (FlashAttention-2's order):
+//   P = exp((scale Q_i) K_j^T - lse_i), dS = P * (dO_i V_j^T - delta_i),
+//   dV_j += P^T dO_i, dK_j += dS^T (scale Q_i), dQ_i += dS K_j  (dQ = scale dS K at the end).
+// The products with P^T and dS^T read their A operand transposed (tile<.., true>), so no operand of
+// a query head is ever transposed; K^T and V^T are packed once per key/value head.
 void backward(const Dims& d, const Backward& a) {
   const int64_t G = d.H / d.Hkv, units = d.B * d.Hkv, D = d.d, Tp = d.nq() * kBlock, Sp = d.nk() * kBlock;
   const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), units)));
   run_threads(n, [&](int tid) {
     PackedKV kv(d);
-    std::vector<float> qs(Tp * D), qt(Tp * D), dor(Tp * D), dot(Tp * D), dqt(Tp * D), lse(Tp), delta(Tp);
-    std::vector<float> dk(Sp * D), dv(Sp * D), pt(kBlock * kBlock), dst(kBlock * kBlock);
+    std::vector<float> qs(Tp * D), dor(Tp * D), dq(Tp * D), lse(Tp), delta(Tp);
+    std::vector<float> dk(Sp * D), dv(Sp * D), pb(kBlock * kBlock), dsb(kBlock * kBlock);
+    const __m512 scale = _mm512_set1_ps(a.scale);
     for (int64_t u = units * tid / n; u < units * (tid + 1) / n; ++u) {  // u = b * Hkv + hk
       const int64_t b = u / d.Hkv, hk = u % d.Hkv, off = a.offset[b];
       kv.pack(d, a.k, a.v, a.kvalid, b, hk, true);
       std::fill(dk.begin(), dk.end(), 0.0f);
       std::fill(dv.begin(), dv.end(), 0.0f);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        for (int64_t t = 0; t < d.T; ++t) {
+        for (int64_t t = 0; t < d.T; ++t) {  // rows past T stay zero (lse +inf: P = 0)
           const int64_t at = ((b * d.T + t) * d.H + h) * D;
-          float* qt_t = qt.data() + (t / kBlock) * D * kBlock + t % kBlock;
-          float* dot_t = dot.data() + (t / kBlock) * D * kBlock + t % kBlock;
-          float dsum = 0.0f;
-          for (int64_t e = 0; e < D; ++e) {
-            const float qe = a.q[at + e] * a.scale, de = a.dout[at + e];
-            qs[t * D + e] = qe, qt_t[e * kBlock] = qe;
-            dor[t * D + e] = de, dot_t[e * kBlock] = de;
-            dsum += de * a.out[at + e];
+          __m512 dsum = _mm512_setzero_ps();
+          for (int64_t e = 0; e < D; e += 16) {
+            const __m512 de = _mm512_loadu_ps(a.dout + at + e);
+            _mm512_storeu_ps(qs.data() + t * D + e, _mm512_mul_ps(_mm512_loadu_ps(a.q + at + e), scale));
+            _mm512_storeu_ps(dor.data() + t * D + e, de);
+            dsum = _mm512_fmadd_ps(de, _mm512_loadu_ps(a.out + at + e), dsum);
           }
           lse[t] = a.lse[(b * d.H + h) * d.T + t];
-          delta[t] = dsum;
+          delta[t] = hsum(dsum);
         }
-        std::fill(lse.begin() + d.T, lse.end(), kInf);  // padded queries: P = 0
-        std::fill(dqt.begin(), dqt.end(), 0.0f);
+        std::fill(lse.begin() + d.T, lse.end(), kInf);
+        std::fill(dq.begin(), dq.end(), 0.0f);
         for (int64_t j = 0; j < d.nk(); ++j) {
           for (int64_t i = 0; i < d.nq(); ++i) {
             const int64_t rows = std::min(kBlock, d.T - i * kBlock);
             if (key_blocks_seen(d, a.causal, off, i * kBlock + rows - 1) <= j) continue;
             const bool masked = needs_mask(kv, a.causal, off, i, j);
-            const float* lse_i = lse.data() + i * kBlock;
-            const float* delta_i = delta.data() + i * kBlock;
-            // S^T = K_j (scale Q_i)^T, then P^T = exp(S^T - lse_i) in place, 0 where masked. (The exp in the
-            // tile's epilogue, with its constants, made GCC keep the accumulators in memory.)
+            const float* qs_i = qs.data() + i * kBlock * D;
+            const float* do_i = dor.data() + i * kBlock * D;
+            // S = (scale Q_i) K_j^T [queries, keys], then P = exp(S - lse) in place, 0 where masked. (The
+            // exp in the tile's epilogue, with its constants, made GCC keep the accumulators in memory.)
             for (int64_t rt = 0; rt < kBlock; rt += kMR)
               for (int64_t p = 0; p < kBlock; p += 32) {
-                float* base = pt.data() + rt * kBlock + p;
+                float* base = pb.data() + rt * kBlock + p;
                 auto store = [base](int r, __m512 a0, __m512 a1) {
                   _mm512_storeu_ps(base + r * kBlock, a0);
                   _mm512_storeu_ps(base + r * kBlock + 16, a1);
                 };
-                tile<kMR>(Seg{kv.kr.data() + (j * kBlock + rt) * D, D, qt.data() + i * D * kBlock + p, kBlock, D}, kNone, store);
+                tile<kMR>(Seg{qs_i + rt * D, D, kv.kt.data() + j * D * kBlock + p, kBlock, D}, kNone, store);
               }
             for (int64_t r = 0; r < kBlock; ++r) {
-              float* row = pt.data() + r * kBlock;
-              const int64_t key = j * kBlock + r;
+              float* row = pb.data() + r * kBlock;
+              const __m512 shift = _mm512_set1_ps(lse[i * kBlock + r]);
               for (int64_t c = 0; c < kBlock; c += 16) {
-                __m512 pc = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + c), _mm512_loadu_ps(lse_i + c)));
-                if (masked) pc = _mm512_maskz_mov_ps(queries_seeing(kv.kvi[key] != 0, i * kBlock + c, off, a.causal, key), pc);
+                __m512 pc = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift));
+                if (masked) pc = _mm512_maskz_mov_ps(keys_seen(kv.kvi.data(), j * kBlock + c, a.causal, off + i * kBlock + r), pc);
                 _mm512_storeu_ps(row + c, pc);
               }
             }
-            // dS^T = P^T * (V_j dO_i^T - delta_i).
+            // dS = P * (dO_i V_j^T - delta).
             for (int64_t rt = 0; rt < kBlock; rt += kMR)
               for (int64_t p = 0; p < kBlock; p += 32) {
-                auto dscores = [&](int r, __m512 a0, __m512 a1) {
-                  const float* prow = pt.data() + (rt + r) * kBlock + p;
-                  float* row = dst.data() + (rt + r) * kBlock + p;
-                  _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_loadu_ps(prow), _mm512_sub_ps(a0, _mm512_loadu_ps(delta_i + p))));
-                  _mm512_storeu_ps(row + 16, _mm512_mul_ps(_mm512_loadu_ps(prow + 16), _mm512_sub_ps(a1, _mm512_loadu_ps(delta_i + p + 16))));
+                const float* pbase = pb.data() + rt * kBlock + p;
+                float* base = dsb.data() + rt * kBlock + p;
+                const float* delta_i = delta.data() + i * kBlock + rt;
+                auto dscores = [=](int r, __m512 a0, __m512 a1) {
+                  const __m512 dl = _mm512_set1_ps(delta_i[r]);
+                  _mm512_storeu_ps(base + r * kBlock, _mm512_mul_ps(_mm512_loadu_ps(pbase + r * kBlock), _mm512_sub_ps(a0, dl)));
+                  _mm512_storeu_ps(base + r * kBlock + 16, _mm512_mul_ps(_mm512_loadu_ps(pbase + r * kBlock + 16), _mm512_sub_ps(a1, dl)));
                 };
-                tile<kMR>(Seg{kv.vr.data() + (j * kBlock + rt) * D, D, dot.data() + i * D * kBlock + p, kBlock, D}, kNone, dscores);
+                tile<kMR>(Seg{do_i + rt * D, D, kv.vt.data() + j * D * kBlock + p, kBlock, D}, kNone, dscores);
               }
-            // dV_j += P^T dO_i and dK_j += dS^T (scale Q_i): [kBlock keys, D].
+            auto add_to = [](float* base, int64_t ld) {
+              return [base, ld](int r, __m512 a0, __m512 a1) {
+                float* row = base + r * ld;
+                _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), a0));
+                _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), a1));
+              };
+            };
+            // dV_j += P^T dO_i and dK_j += dS^T (scale Q_i): [keys, D], P and dS read transposed.
             for (int64_t rt = 0; rt < kBlock; rt += kMR)
               for (int64_t p = 0; p < D; p += 32) {
-                float* dv_row = dv.data() + (j * kBlock + rt) * D + p;
-                float* dk_row = dk.data() + (j * kBlock + rt) * D + p;
-                auto add_to = [](float* base, int64_t ld) {
-                  return [base, ld](int r, __m512 a0, __m512 a1) {
-                    float* row = base + r * ld;
-                    _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), a0));
-                    _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), a1));
-                  };
-                };
-                auto to_dv = add_to(dv_row, D);
-                auto to_dk = add_to(dk_row, D);
-                tile<kMR>(Seg{pt.data() + rt * kBlock, kBlock, dor.data() + i * kBlock * D + p, D, kBlock}, kNone, to_dv);
-                tile<kMR>(Seg{dst.data() + rt * kBlock, kBlock, qs.data() + i * kBlock * D + p, D, kBlock}, kNone, to_dk);
+                auto to_dv = add_to(dv.data() + (j * kBlock + rt) * D + p, D);
+                auto to_dk = add_to(dk.data() + (j * kBlock + rt) * D + p, D);
+                tile<kMR, true>(Seg{pb.data() + rt, kBlock, do_i + p, D, kBlock}, kNone, to_dv);
+                tile<kMR, true>(Seg{dsb.data() + rt, kBlock, qs_i + p, D, kBlock}, kNone, to_dk);
               }
-            // dQ_i^T += K_j^T dS^T: [D, kBlock queries].
-            for (int64_t rt = 0; rt < D; rt += kMR)
-              for (int64_t p = 0; p < kBlock; p += 32) {
-                float* base = dqt.data() + i * D * kBlock + rt * kBlock + p;
-                auto to_dq = [base](int r, __m512 a0, __m512 a1) {
-                  float* row = base + r * kBlock;
-                  _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), a0));
-                  _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), a1));
-                };
-                tile<kMR>(Seg{kv.kt.data() + j * D * kBlock + rt * kBlock, kBlock, dst.data() + p, kBlock, kBlock}, kNone, to_dq);
+            // dQ_i += dS K_j: [queries, D].
+            for (int64_t rt = 0; rt < kBlock; rt += kMR)
+              for (int64_t p = 0; p < D; p += 32) {
+                auto to_dq = add_to(dq.data() + (i * kBlock + rt) * D + p, D);
+                tile<kMR>(Seg{dsb.data() + rt * kBlock, kBlock, kv.kr.data() + j * kBlock * D + p, D, kBlock}, kNone, to_dq);
               }
           }
         }
         for (int64_t t = 0; t < d.T; ++t) {
-          const float* dqt_t = dqt.data() + (t / kBlock) * D * kBlock + t % kBlock;
           float* dq_t = a.dq + ((b * d.T + t) * d.H + h) * D;
-          for (int64_t e = 0; e < D; ++e) dq_t[e] = a.scale * dqt_t[e * kBlock];
+          for (int64_t e = 0; e < D; e += 16) _mm512_storeu_ps(dq_t + e, _mm512_mul_ps(_mm512_loadu_ps(dq.data() + t * D + e), scale));
         }
       }
       for (int64_t s = 0; s < d.S; ++s) {

@@ -17,6 +17,8 @@ namespace jaxseq_native {
 constexpr int kMR = 8;  // rows of a matmul tile; 8 x 32 outputs = 16 zmm accumulators
 
 // One operand pair of a tile's matmul: rows of A (row stride lda) times B's 32 columns (row stride ldb).
+// A tile may read A transposed (template flag AT): element (r, k) at A[k * lda + r]; its elements are
+// broadcast one at a time, so the layout of A costs nothing.
 struct Seg {
   const float* A;
   int64_t lda;
@@ -25,12 +27,12 @@ struct Seg {
   int64_t K;
 };
 
-template <int MR>
+template <int MR, bool AT = false>
 __attribute__((always_inline)) inline void accumulate(const Seg& s, __m512 (&acc)[MR][2]) {
   for (int64_t k = 0; k < s.K; ++k) {
     const __m512 b0 = _mm512_loadu_ps(s.B + k * s.ldb), b1 = _mm512_loadu_ps(s.B + k * s.ldb + 16);
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(s.A[r * s.lda + k]);
+      const __m512 a = _mm512_set1_ps(AT ? s.A[k * s.lda + r] : s.A[r * s.lda + k]);
       acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
     }
@@ -40,12 +42,12 @@ __attribute__((always_inline)) inline void accumulate(const Seg& s, __m512 (&acc
 // For r < MR: epilogue(r, acc0, acc1), acc = the sum over the segments of A[r, :] B[:, 0:32] (2 zmm).
 // Inlined whole, epilogue included, so the 16 accumulators stay in registers (passed out by
 // reference they went through memory: 2.4x slower, measured). s2.K may be 0.
-template <int MR, typename Epilogue>
+template <int MR, bool AT = false, typename Epilogue>
 __attribute__((always_inline)) inline void tile(const Seg& s1, const Seg& s2, Epilogue& epilogue) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  accumulate<MR>(s1, acc);
-  accumulate<MR>(s2, acc);
+  accumulate<MR, AT>(s1, acc);
+  accumulate<MR, AT>(s2, acc);
   for (int r = 0; r < MR; ++r) epilogue(r, acc[r][0], acc[r][1]);
 }
 
