@@ -129,4 +129,4 @@ def test_without_a_working_compiler_it_falls_back_with_the_reason(tmp_path, comp
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.startswith("False") and reason in done.stdout
     if compiler == "false":  # a build that fails warns once (the XLA path is slower, not wrong)
-        assert "native RNN kernels unavailable, using the XLA path" in done.stderr
+        assert "native kernels unavailable, using the XLA path" in done.stderr
