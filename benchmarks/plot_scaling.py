@@ -2,7 +2,8 @@
 
 Reads the JSON lines of `linear_scan.py` (LSTM, and minGRU / minLSTM / LRU in their parallel and
 sequential forms; batch 8, hidden 256) and of `attention_scaling.py` (one causal self-attention layer,
-batch 8, 4 heads x 64 = width 256: jaxseq's flash path, XLA's dense op, PyTorch SDPA), and draws
+batch 8, 4 heads x 64 = width 256: jaxseq.attention (the native kernel on CPU), its JAX flash
+path, XLA's dense op, PyTorch SDPA), and draws
 microseconds per token of a forward + backward pass against T on log-log axes. A flat line is a cost
 linear in T; attention's line rises with T (its work per token is O(T)).
 
@@ -30,7 +31,8 @@ def series(recurrent_rows: list[dict], attention_rows: list[dict]) -> dict[str, 
             continue
         label = "LSTM (jaxseq: native kernels on CPU)" if r["model"] == "lstm" else f"{r['model']} ({r['form']})"
         out.setdefault(label, []).append((r["length"], 1e6 / r["tokens_per_s"]))
-    names = {"jaxseq-flash": "attention: jaxseq (flash)", "jax-xla": "attention: jax.nn (XLA)",
+    names = {"jaxseq-attention": "attention: jaxseq (native kernel on CPU)", "jaxseq-flash": "attention: jaxseq flash (JAX)",
+             "jax-xla": "attention: jax.nn (XLA)",
              "torch-sdpa": "attention: PyTorch SDPA"}
     for r in attention_rows:
         if r.get("impl") in names:

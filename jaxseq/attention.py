@@ -14,7 +14,8 @@ What this adds over the raw op:
   * EXACT ZEROS (and zero, finite gradients) for a query that may attend to nothing. The raw op gives
     such a query a uniform softmax, i.e. the mean of the values: a silent wrong number;
   * shape checks that raise ShapeError naming the argument;
-  * implementation=None picks cuDNN's fused kernel on GPU when the inputs are eligible, XLA elsewhere
+  * implementation=None picks cuDNN's fused kernel on GPU when the inputs are eligible, on CPU a native
+    FlashAttention-2 kernel (or the blockwise JAX one) when the call is long enough, XLA elsewhere
     (the raw op's None always means XLA today).
 """
 
@@ -184,10 +185,12 @@ def attention(
       bias: float, broadcastable to [B, H, T, S], added to the logits (use `mask` for masking).
       q_offset: absolute position of query 0: int, or int array [B] (one per row). Only used if causal.
       scale: logit scale, default 1/sqrt(d).
-      implementation: None (auto: cuDNN on GPU when eligible; on CPU "flash" from FLASH_MIN_LEN
-        queries and keys (twice that if not causal) when the mask is causal and/or key padding and
-        there is no bias; else XLA), "xla", "cudnn", or
-        "flash" (jaxseq.flash_attention: blockwise, no bias or full mask).
+      implementation: None (auto: cuDNN on GPU when eligible; on a single-device CPU the native kernel
+        (jaxseq.native_attention: float32, head_dim a multiple of 32) from NATIVE_MIN_LEN queries and
+        keys, else "flash" from FLASH_MIN_LEN (twice that if not causal), when the mask is causal
+        and/or key padding and there is no bias; else XLA), "xla", "cudnn", "flash"
+        (jaxseq.flash_attention: blockwise in JAX, no bias or full mask), or "native" (the CPU kernel,
+        the same masks as "flash").
 
     Returns:
       [B, T, H, d] in q's dtype. A query whose mask row is all False returns exact zeros, with zero

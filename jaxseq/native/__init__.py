@@ -1,12 +1,15 @@
 """jaxseq's native CPU kernels: C++ compiled on first use, loaded and registered as XLA FFI targets.
 
-`rnn_cpu.cc` holds the LSTM's and the GRU's recurrent loops for x86-64 CPUs with AVX-512 (see its
-header for why and what they compute; `jaxseq.native_lstm` and `jaxseq.native_gru` call them). It is compiled the first time a process asks for it, with the C++ compiler
-in `$CXX` (default `g++`) against the XLA FFI headers that jaxlib ships, into a cache folder
-(`$JAXSEQ_CACHE_DIR`, default `~/.cache/jaxseq`) under a name that hashes the source, the flags and
-the jaxlib version, so later processes load it in milliseconds. Nothing here is needed: when the CPU
-lacks AVX-512, no compiler is found, the build fails or `JAXSEQ_NATIVE=0` is set, `available()` is
-False (the reason is in `unavailable_reason()`) and jaxseq runs its XLA path, with the same numbers.
+`rnn_cpu.cc` holds the LSTM's and the GRU's recurrent loops, `attention_cpu.cc` FlashAttention-2's
+forward and backward, both for x86-64 CPUs with AVX-512 and built from the tiles and threads of
+`kernels.h` (see each file's header for why and what it computes; `jaxseq.native_lstm`,
+`jaxseq.native_gru` and `jaxseq.native_attention` call them). They are compiled into one library the
+first time a process asks for it, with the C++ compiler in `$CXX` (default `g++`) against the XLA FFI
+headers that jaxlib ships, into a cache folder (`$JAXSEQ_CACHE_DIR`, default `~/.cache/jaxseq`) under
+a name that hashes the sources, the flags and the jaxlib version, so later processes load it in
+milliseconds. Nothing here is needed: when the CPU lacks AVX-512, no compiler is found, the build
+fails or `JAXSEQ_NATIVE=0` is set, `available()` is False (the reason is in `unavailable_reason()`)
+and jaxseq runs its XLA paths, with the same numbers.
 """
 
 from __future__ import annotations

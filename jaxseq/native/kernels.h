@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <thread>
 #include <vector>
+#include <sched.h>
 #include <sys/mman.h>
 
 namespace jaxseq_native {
@@ -92,9 +93,13 @@ class Barrier {
   std::atomic<int> gen_{0};
 };
 
-// The threads a call may use: the machine's cores, or JAXSEQ_NATIVE_THREADS when set.
+// The threads a call may use: the cores this process may run on (its affinity mask, as `taskset` or a
+// container's cpuset leave it; not the machine's count, or threads would share a core and spin), or
+// JAXSEQ_NATIVE_THREADS when set.
 inline int max_threads() {
   int n = static_cast<int>(std::thread::hardware_concurrency());
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) n = CPU_COUNT(&cpus);
   if (const char* env = std::getenv("JAXSEQ_NATIVE_THREADS")) n = std::atoi(env);
   return n > 0 ? n : 1;
 }
