@@ -79,14 +79,16 @@ def test_queries_that_see_nothing_give_exact_zeros_and_zero_grads():
     assert_close(got, reference(q, k, v, g, causal=True, key_padding_mask=kpm))
 
 
-def test_threads_give_bit_identical_results(monkeypatch):
-    """Each (batch, head) is computed by one thread in a fixed order, so the thread count changes nothing."""
-    q, k, v, g = inputs(3, 130, 130, 4, 2, 32, seed=2)
+@pytest.mark.parametrize("shape", [(3, 130, 4, 2), (1, 300, 1, 1)])  # (B, T, H, Hkv); one head: split by query block
+def test_threads_give_bit_identical_results(monkeypatch, shape):
+    """Each unit of work (the forward's query block, the backward's kv head) is computed by one thread in
+    a fixed order, so the thread count changes nothing."""
+    B, T, H, Hkv = shape
+    q, k, v, g = inputs(B, T, T, H, Hkv, 32, seed=2)
     results = []
     for threads in ("1", "3"):
         monkeypatch.setenv("JAXSEQ_NATIVE_THREADS", threads)  # read by the kernel at each call
-        step = jax.jit(lambda q, k, v, g: jax.vjp(lambda *a: native_attention(*a, causal=True), q, k, v)[1](g))
-        results.append([np.asarray(x) for x in step(q, k, v, g)])
+        results.append([np.asarray(x) for x in native_and_grads(q, k, v, g, causal=True)])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 

@@ -1,12 +1,13 @@
 // Scaled dot-product attention on x86-64 CPUs with AVX-512, as XLA FFI custom calls: FlashAttention-2's
-// forward and backward (Dao 2023) in float32, one (batch, head) at a time per thread.
+// forward and backward (Dao 2023) in float32.
 //
 // Why: jaxseq.flash_attention, the same algorithm written in JAX, ran at 0.68x-0.95x PyTorch's SDPA
 // on two cores (benchmarks/README.md, attention attempts 1-16): XLA:CPU dispatches each block pair's
 // ~10 ops one after another, its batched matmuls leave a core idle between them, and moving to the
 // blocked layout and back costs a fifth of the step at short lengths. Here a block pair is five
 // register-tiled matmuls whose epilogues hold the softmax, over operands packed once per head, in the
-// caller's [B, T, H, d] layout, and the threads split the (batch, head) pairs with no barrier at all.
+// caller's [B, T, H, d] layout, and the threads split the work with no barrier at all: the forward's
+// (batch, head, query block) triples, the backward's (batch, kv head) pairs.
 //
 //   jaxseq_attention_fwd: q [B, T, H, d], k, v [B, S, Hkv, d] (H % Hkv == 0), kvalid [B, S] (pred),
 //     offset [B] (s32); attributes causal (bool), scale (f32)
@@ -142,6 +143,21 @@ inline bool needs_mask(const PackedKV& kv, bool causal, int64_t offset, int64_t 
 
 const Seg kNone{nullptr, 0, nullptr, 0, 0};
 
+// Splits units [0, U) among at most n threads into contiguous runs of about equal total cost (cost(u) >=
+// 1; causal attention's later query blocks see more key blocks): the runs' bounds, one more than the
+// threads. Contiguous runs keep a thread on one key/value head, which it then packs once.
+template <typename Cost>
+std::vector<int64_t> balanced_ranges(int64_t U, int n, Cost cost) {
+  n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, U)));
+  std::vector<int64_t> prefix(U + 1, 0);
+  for (int64_t u = 0; u < U; ++u) prefix[u + 1] = prefix[u] + cost(u);
+  std::vector<int64_t> bounds(n + 1, U);
+  bounds[0] = 0;
+  for (int t = 1; t < n; ++t)
+    bounds[t] = std::lower_bound(prefix.begin(), prefix.end(), prefix[U] * t / n) - prefix.begin();
+  return bounds;
+}
+
 // ------------------------------------------------------------------------------------------- forward
 
 struct Forward {
@@ -154,15 +170,20 @@ struct Forward {
 };
 
 void forward(const Dims& d, const Forward& a) {
-  const int64_t G = d.H / d.Hkv, units = d.B * d.H, D = d.d;
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), units)));
-  run_threads(n, [&](int tid) {
+  const int64_t G = d.H / d.Hkv, D = d.d, nq = d.nq();
+  // Units are (batch row, head, query block): u = (b * H + h) * nq + i, so that one head of one row
+  // (B = 1 at inference) still keeps every core busy.
+  const auto bounds = balanced_ranges(d.B * d.H * nq, max_threads(), [&](int64_t u) {
+    const int64_t b = u / (d.H * nq), i = u % nq;
+    return 1 + key_blocks_seen(d, a.causal, a.offset[b], std::min(d.T, (i + 1) * kBlock) - 1);
+  });
+  run_threads(static_cast<int>(bounds.size()) - 1, [&](int tid) {
     PackedKV kv(d);
     std::vector<float> qc(kBlock * D), s(kBlock * kBlock), o(kBlock * D), m(kBlock), l(kBlock), alpha(kBlock);
-    for (int64_t u = units * tid / n; u < units * (tid + 1) / n; ++u) {  // u = b * H + h
-      const int64_t b = u / d.H, h = u % d.H, off = a.offset[b];
+    for (int64_t u = bounds[tid]; u < bounds[tid + 1]; ++u) {
+      const int64_t b = u / (d.H * nq), h = u / nq % d.H, i = u % nq, off = a.offset[b];
       kv.pack(d, a.k, a.v, a.kvalid, b, h / G, false);
-      for (int64_t i = 0; i < d.nq(); ++i) {
+      {
         const int64_t rows = std::min(kBlock, d.T - i * kBlock);
         // This block's queries, scaled, in rows D floats apart; rows past T are zeros.
         std::fill(qc.begin(), qc.end(), 0.0f);
@@ -262,14 +283,19 @@ struct Backward {
 // The products with P^T and dS^T read their A operand transposed (tile<.., true>), so no operand of
 // a query head is ever transposed; K^T and V^T are packed once per key/value head.
 void backward(const Dims& d, const Backward& a) {
-  const int64_t G = d.H / d.Hkv, units = d.B * d.Hkv, D = d.d, Tp = d.nq() * kBlock, Sp = d.nk() * kBlock;
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), units)));
-  run_threads(n, [&](int tid) {
+  const int64_t G = d.H / d.Hkv, D = d.d, Tp = d.nq() * kBlock, Sp = d.nk() * kBlock;
+  const auto bounds = balanced_ranges(d.B * d.Hkv, max_threads(), [&](int64_t u) {
+    int64_t cost = 1;
+    for (int64_t i = 0; i < d.nq(); ++i)
+      cost += G * key_blocks_seen(d, a.causal, a.offset[u / d.Hkv], std::min(d.T, (i + 1) * kBlock) - 1);
+    return cost;
+  });
+  run_threads(static_cast<int>(bounds.size()) - 1, [&](int tid) {
     PackedKV kv(d);
     std::vector<float> qs(Tp * D), dor(Tp * D), dq(Tp * D), lse(Tp), delta(Tp);
     std::vector<float> dk(Sp * D), dv(Sp * D), pb(kBlock * kBlock), dsb(kBlock * kBlock);
     const __m512 scale = _mm512_set1_ps(a.scale);
-    for (int64_t u = units * tid / n; u < units * (tid + 1) / n; ++u) {  // u = b * Hkv + hk
+    for (int64_t u = bounds[tid]; u < bounds[tid + 1]; ++u) {  // u = b * Hkv + hk
       const int64_t b = u / d.Hkv, hk = u % d.Hkv, off = a.offset[b];
       kv.pack(d, a.k, a.v, a.kvalid, b, hk, true);
       std::fill(dk.begin(), dk.end(), 0.0f);
