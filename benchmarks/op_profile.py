@@ -16,7 +16,8 @@ adds overhead (a few %); compare within one run, never against the untraced benc
 
     python benchmarks/op_profile.py lstm --hidden 256        # jaxseq's fused LSTM, train step
     python benchmarks/op_profile.py gru --hidden 512
-    python benchmarks/op_profile.py attention --length 1024  # flash attention, fwd + bwd
+    python benchmarks/op_profile.py attention --length 1024  # jaxseq.flash_attention (JAX), fwd + bwd
+                                                             # (the native kernel is one op to the profiler)
     python benchmarks/op_profile.py gpt                      # GPT train step, d 256 / ctx 256 / batch 16
     python benchmarks/op_profile.py gpt --json out.json      # also write the tables as JSON
 """
