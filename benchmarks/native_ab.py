@@ -1,11 +1,14 @@
-"""A/B of two builds of jaxseq's native RNN kernels in one process: the repo's `jaxseq/native/rnn_cpu.cc`
-(A) against a variant source or extra compiler flags (B), the two jitted steps timed alternately.
+"""A/B of two builds of jaxseq's native kernels in one process: the repo's `jaxseq/native/rnn_cpu.cc` or
+`attention_cpu.cc` (A) against a variant of that source or extra compiler flags (B), the two jitted
+steps timed alternately.
 
-How RNN attempt 27's build comparisons in benchmarks/README.md were made (tanh without a division,
-2 MB pages, 12-row tiles, -march=native, ...): a change to the kernel is kept only if B beats A here.
+How RNN attempt 27's and attention attempt 17's build comparisons in benchmarks/README.md were made
+(tanh without a division, 2 MB pages, 12-row tiles, -march=native, the attention's thread split, ...): a
+change to a kernel is kept only if B beats A here.
 
     python benchmarks/native_ab.py --variant /tmp/rnn_cpu_variant.cc
     python benchmarks/native_ab.py --flags "-march=native" --cell gru --hidden 256 --modes train
+    python benchmarks/native_ab.py --cell attention --variant /tmp/attention_cpu_variant.cc --lengths 1024,4096
 
 Run it once without --variant and --flags (A against an identical B) to see the noise: on the 2-core
 CPU, 0.985x-1.025x at hidden 256 (LSTM and GRU training), but 0.85x at hidden 128 (GRU), where the
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jaxseq.native_attention as native_attention  # noqa: E402
 import jaxseq.native_lstm as native_lstm  # noqa: E402
 from _common import timed_rounds  # noqa: E402
 from jaxseq import native  # noqa: E402
@@ -34,16 +38,31 @@ from jaxseq.native_gru import gru_sequence_native  # noqa: E402
 from jaxseq.native_lstm import lstm_sequence_native  # noqa: E402
 
 
-def register_variant(source: Path, flags: list[str], prefix: str = "variant") -> None:
-    """Build the library with `source` in place of the repo's rnn_cpu.cc, with the repo's flags plus
-    `flags`, and register its targets as `prefix_*`."""
+def register_variant(source: Path, replaces: str, flags: list[str], prefix: str = "variant") -> None:
+    """Build the library with `source` in place of the repo's `replaces` (a file name of native.SOURCES),
+    with the repo's flags plus `flags`, and register its targets as `prefix_*`."""
     out = Path(tempfile.mkdtemp()) / "variant.so"
-    sources = [str(source if p.name == "rnn_cpu.cc" else p) for p in native.SOURCES]
+    sources = [str(source if p.name == replaces else p) for p in native.SOURCES]
     include = [f"-I{jax.ffi.include_dir()}", f"-I{native.HERE}"]  # kernels.h for a source outside the package
-    subprocess.run(["g++", *native.FLAGS, *flags, *include, *sources, "-o", str(out)], check=True)
+    done = subprocess.run(["g++", *native.FLAGS, *flags, *include, *sources, "-o", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"building the variant failed:\n{done.stderr[-3000:]}")
     lib = ctypes.CDLL(str(out))
     for name, symbol in native.TARGETS.items():
         jax.ffi.register_ffi_target(name.replace("jaxseq", prefix, 1), jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+
+def attention_step(mode, batch, length, heads=4, head_dim=64):
+    """A jitted causal attention call on the native kernel (training: output and gradients of q, k, v)."""
+    q, k, v, g = (jax.random.normal(jax.random.key(i), (batch, length, heads, head_dim)) for i in range(4))
+
+    def train(q, k, v, g):
+        out, vjp = jax.vjp(lambda q, k, v: native_attention.native_attention(q, k, v, causal=True), q, k, v)
+        return (out,) + vjp(g)
+
+    fn = jax.jit(train if mode == "train" else lambda q, k, v, g: native_attention.native_attention(q, k, v, causal=True))
+    jax.block_until_ready(fn(q, k, v, g))  # traces with the current TARGET_PREFIX
+    return lambda: jax.block_until_ready(fn(q, k, v, g))
 
 
 def step(cell_kind, hidden, mode, batch, length, d_in):
@@ -65,29 +84,36 @@ def step(cell_kind, hidden, mode, batch, length, d_in):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", type=Path, default=native.HERE / "rnn_cpu.cc", help="B's rnn_cpu.cc (default: the repo's)")
+    ap.add_argument("--cell", choices=("lstm", "gru", "attention"), default="lstm")
+    ap.add_argument("--variant", type=Path, default=None,
+                    help="B's rnn_cpu.cc (lstm, gru) or attention_cpu.cc (attention); default: the repo's")
     ap.add_argument("--flags", default="", help="extra compiler flags for B")
-    ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
-    ap.add_argument("--hidden", default="256,512")
+    ap.add_argument("--hidden", default="256,512", help="lstm, gru")
+    ap.add_argument("--lengths", default="1024,4096", help="attention (batch 8 unless --batch, 4 heads x 64, causal)")
     ap.add_argument("--modes", default="train,infer")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="default 32 (lstm, gru), 8 (attention)")
+    ap.add_argument("--length", type=int, default=128, help="lstm, gru")
     ap.add_argument("--d-in", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=21)
     args = ap.parse_args()
     if not native.available():
         sys.exit(f"native kernels unavailable: {native.unavailable_reason()}")
-    register_variant(args.variant, args.flags.split())
-    for hidden in map(int, args.hidden.split(",")):
+    attention = args.cell == "attention"
+    source = "attention_cpu.cc" if attention else "rnn_cpu.cc"
+    register_variant(args.variant or native.HERE / source, source, args.flags.split())
+    module = native_attention if attention else native_lstm  # whose TARGET_PREFIX the calls read
+    batch = args.batch or (8 if attention else 32)
+    for size in map(int, (args.lengths if attention else args.hidden).split(",")):
         for mode in args.modes.split(","):
             calls = {}
             for name, prefix in (("A", "jaxseq"), ("B", "variant")):
-                native_lstm.TARGET_PREFIX = prefix
-                calls[name] = step(args.cell, hidden, mode, args.batch, args.length, args.d_in)
-            native_lstm.TARGET_PREFIX = "jaxseq"
+                module.TARGET_PREFIX = prefix
+                calls[name] = (attention_step(mode, batch, size) if attention
+                               else step(args.cell, size, mode, batch, args.length, args.d_in))
+            module.TARGET_PREFIX = "jaxseq"
             (times,) = timed_rounds(calls, args.repeats)
             a, b = (statistics.median(times[k]) for k in "AB")
-            print(f"{args.cell} {hidden} {mode}: A {1e3 * a:.1f} ms, B {1e3 * b:.1f} ms, B/A time {b / a:.3f}", flush=True)
+            print(f"{args.cell} {size} {mode}: A {1e3 * a:.1f} ms, B {1e3 * b:.1f} ms, B/A time {b / a:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,21 @@ def native_eligible(q, k, v) -> bool:
     return q.shape[-1] % 32 == 0 and native.available()
 
 
+# The FFI targets' prefix, read at trace time (a benchmark can register a variant build under another).
+TARGET_PREFIX = "jaxseq"
+
+
+def _call(target, outs):
+    return jax.ffi.ffi_call(target.replace("jaxseq", TARGET_PREFIX, 1), outs, vmap_method="sequential")
+
+
 def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _forward(q, k, v, kvalid, offset, causal, scale):
     B, T, H, _ = q.shape
-    call = jax.ffi.ffi_call("jaxseq_attention_fwd", (_f32(*q.shape), _f32(B, H, T)), vmap_method="sequential")
+    call = _call("jaxseq_attention_fwd", (_f32(*q.shape), _f32(B, H, T)))
     return call(q, k, v, kvalid, offset, causal=causal, scale=np.float32(scale))
 
 
@@ -55,8 +63,7 @@ def _attention_fwd(q, k, v, kvalid, offset, causal, scale):
 
 def _attention_bwd(causal, scale, res, dout):
     q, k, v, kvalid, offset, out, lse = res
-    call = jax.ffi.ffi_call("jaxseq_attention_bwd", (_f32(*q.shape), _f32(*k.shape), _f32(*v.shape)),
-                            vmap_method="sequential")
+    call = _call("jaxseq_attention_bwd", (_f32(*q.shape), _f32(*k.shape), _f32(*v.shape)))
     dq, dk, dv = call(q, k, v, kvalid, offset, out, lse, dout.astype(jnp.float32), causal=causal, scale=np.float32(scale))
     return dq, dk, dv, None, None
 
