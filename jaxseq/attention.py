@@ -135,7 +135,7 @@ def _maybe_blockwise(q, k, v, mask, causal, bias, q_offset, scale, implementatio
     if implementation is None:
         if jax.default_backend() != "cpu" or not expressible:
             return None
-        if native_eligible(q, k, v) and min(T, S) >= NATIVE_MIN_LEN:
+        if min(T, S) >= NATIVE_MIN_LEN and native_eligible(q, k, v):  # (eligibility builds the kernels)
             implementation = "native"
         elif min(T, S) >= (FLASH_MIN_LEN if causal else 2 * FLASH_MIN_LEN):
             implementation = "flash"
