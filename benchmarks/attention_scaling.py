@@ -1,7 +1,7 @@
 """Causal self-attention, forward + backward, against sequence length: jaxseq flash vs XLA vs PyTorch SDPA.
 
 One attention op with q, k, v given (no projections): batch 8, 4 heads of 64 (d_model 256), lengths
-256..4096, float32 (`--dtype bfloat16` for the GPU's fused kernels). Each step computes the output and
+64..4096, float32 (`--dtype bfloat16` for the GPU's fused kernels). Each step computes the output and
 the gradients of sum(out * g) with respect to q, k, v for a fixed random cotangent g (`jax.vjp` /
 `out.backward(g)`): what one layer costs in training.
 
@@ -48,7 +48,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[64, 128, 256, 512, 1024, 2048, 4096])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
