@@ -58,9 +58,10 @@ def _assert_close(got, want, tol=5e-6):
 
 
 @pytest.mark.parametrize("kind", CELLS)
-@pytest.mark.parametrize("batch, hidden", [(12, 64), (8, 32), (3, 96), (17, 128)])
-def test_matches_the_xla_path_with_masks_resets_and_carry(kind, batch, hidden):
-    _, params, xs, mask, carry0, resets, w = _problem(kind, batch=batch, hidden=hidden)
+# input widths below, at and above a tile's 32 columns (the input projection is part of each step's matmul)
+@pytest.mark.parametrize("batch, hidden, d_in", [(12, 64, 16), (8, 32, 16), (3, 96, 64), (17, 128, 96)])
+def test_matches_the_xla_path_with_masks_resets_and_carry(kind, batch, hidden, d_in):
+    _, params, xs, mask, carry0, resets, w = _problem(kind, batch=batch, hidden=hidden, d_in=d_in)
     _, xla, nat, _ = CELLS[kind]
     with jax.default_matmul_precision("highest"):
         got = _values_and_grads(nat, mask, resets, w)(params, xs, carry0)
@@ -71,7 +72,7 @@ def test_matches_the_xla_path_with_masks_resets_and_carry(kind, batch, hidden):
 @pytest.mark.parametrize("kind", CELLS)
 def test_the_thread_count_changes_nothing(monkeypatch, kind):
     """Each output element is computed by one thread in one order: bit-identical for any thread count."""
-    _, params, xs, mask, carry0, resets, w = _problem(kind, hidden=128)  # 4 groups of 32 units
+    _, params, xs, mask, carry0, resets, w = _problem(kind, hidden=128, d_in=64)  # 4 groups of 32 units
     runs = []
     for threads in ("1", "2", "4"):
         monkeypatch.setenv("JAXSEQ_NATIVE_THREADS", threads)  # read by each call
