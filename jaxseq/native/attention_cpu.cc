@@ -129,7 +129,7 @@ struct PackedKV {
   }
 };
 
-// Key blocks [0, end) hold every key that queries q0..q1-1 may see (causal: positions <= offset + q).
+// Key blocks [0, end) hold every key that a query up to index q_last may see (causal: positions <= offset + q).
 inline int64_t key_blocks_seen(const Dims& d, bool causal, int64_t offset, int64_t q_last) {
   if (!causal) return d.nk();
   const int64_t last_key = offset + q_last;
