@@ -7,7 +7,8 @@
 // blocked layout and back costs a fifth of the step at short lengths. Here a block pair is five
 // register-tiled matmuls whose epilogues hold the softmax, over operands packed once per head, in the
 // caller's [B, T, H, d] layout, and the threads split the work with no barrier at all: the forward's
-// (batch, head, query block) triples, the backward's (batch, kv head) pairs.
+// (batch, head, query block) triples, the backward's (batch, kv head) pairs, cut into key-block
+// chunks when there are few of them.
 //
 //   jaxseq_attention_fwd: q [B, T, H, d], k, v [B, S, Hkv, d] (H % Hkv == 0), kvalid [B, S] (pred),
 //     offset [B] (s32); attributes causal (bool), scale (f32)
@@ -38,6 +39,8 @@ namespace {
 using namespace jaxseq_native;
 
 constexpr int64_t kBlock = 64;  // queries and keys per block: two 32-column tile panels
+constexpr int64_t kMinUnits = 8;  // the backward splits heads by key blocks below this many (batch, kv head) pairs
+constexpr int64_t kMaxPartFloats = int64_t{64} << 20;  // ... holding at most 256 MB of partial dQ
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // exp(x) in float32: Cephes' expf (a degree-6 polynomial on [-ln 2 / 2, ln 2 / 2], ~1 ulp) times 2^n by
@@ -288,23 +291,47 @@ struct Backward : Inputs {
 // The products with P^T and dS^T read their A operand transposed (tile<.., true>), so no operand of
 // a query head is ever transposed; K^T and V^T are packed once per key/value head.
 void backward(const Dims& d, const Backward& a) {
-  const int64_t G = d.H / d.Hkv, D = d.d, Tp = d.nq() * kBlock, Sp = d.nk() * kBlock;
-  const auto bounds = balanced_ranges(d.B * d.Hkv, max_threads(), [&](int64_t u) {
+  const int64_t G = d.H / d.Hkv, D = d.d, nk = d.nk(), Tp = d.nq() * kBlock, Sp = nk * kBlock;
+  // Units are (batch row, kv head, key-block chunk). With fewer than kMinUnits (batch, kv head) pairs,
+  // each pair's key blocks are cut into chunks of equal cost, every chunk writes its own dK, dV rows
+  // and a partial dQ, and the partials are summed in chunk order after the threads join. The chunks
+  // depend on the shapes, not on the thread count, so the result is the same on any machine.
+  const int64_t pairs = d.B * d.Hkv, part_floats = pairs * G * d.T * D;  // one dQ's floats
+  const int64_t chunks = std::clamp<int64_t>(
+      std::min((kMinUnits + pairs - 1) / pairs, kMaxPartFloats / std::max<int64_t>(1, part_floats)), 1, nk);
+  std::vector<std::vector<int64_t>> key_chunks(d.B);  // per batch row (offsets differ): chunk bounds in key blocks
+  std::vector<int64_t> chunk_cost;
+  for (int64_t b = 0; b < d.B; ++b) {
+    auto seen_by = [&](int64_t j) {  // cost of key block j: the query blocks that see it, times G
+      int64_t n = 0;
+      for (int64_t i = 0; i < d.nq(); ++i) n += key_blocks_seen(d, a.causal, a.offset[b], std::min(d.T, (i + 1) * kBlock) - 1) > j;
+      return 1 + G * n;
+    };
+    key_chunks[b] = balanced_ranges(nk, static_cast<int>(chunks), seen_by);
+    key_chunks[b].resize(chunks + 1, nk);  // fewer key blocks than chunks: empty chunks at the end
+  }
+  const int64_t units = pairs * chunks;
+  auto unit_cost = [&](int64_t u) {
+    const int64_t b = u / chunks / d.Hkv, c = u % chunks;
     int64_t cost = 1;
-    for (int64_t i = 0; i < d.nq(); ++i)
-      cost += G * key_blocks_seen(d, a.causal, a.offset[u / d.Hkv], std::min(d.T, (i + 1) * kBlock) - 1);
+    for (int64_t j = key_chunks[b][c]; j < key_chunks[b][c + 1]; ++j)
+      for (int64_t i = 0; i < d.nq(); ++i)
+        cost += G * (key_blocks_seen(d, a.causal, a.offset[b], std::min(d.T, (i + 1) * kBlock) - 1) > j);
     return cost;
-  });
+  };
+  const auto bounds = balanced_ranges(units, max_threads(), unit_cost);
+  std::vector<float> dq_parts(chunks > 1 ? chunks * part_floats : 0);  // [unit][g][t][d]
   run_threads(static_cast<int>(bounds.size()) - 1, [&](int tid) {
     PackedKV kv(d);
     std::vector<float> qs(Tp * D), dor(Tp * D), dq(Tp * D), lse(Tp), delta(Tp);
     std::vector<float> dk(Sp * D), dv(Sp * D), pb(kBlock * kBlock), dsb(kBlock * kBlock);
     const __m512 scale = _mm512_set1_ps(a.scale);
-    for (int64_t u = bounds[tid]; u < bounds[tid + 1]; ++u) {  // u = b * Hkv + hk
-      const int64_t b = u / d.Hkv, hk = u % d.Hkv, off = a.offset[b];
+    for (int64_t u = bounds[tid]; u < bounds[tid + 1]; ++u) {  // u = (b * Hkv + hk) * chunks + c
+      const int64_t b = u / chunks / d.Hkv, hk = u / chunks % d.Hkv, c = u % chunks, off = a.offset[b];
+      const int64_t j0 = key_chunks[b][c], j1 = key_chunks[b][c + 1];
       kv.pack(d, a.k, a.v, a.kvalid, b, hk, true);
-      std::fill(dk.begin(), dk.end(), 0.0f);
-      std::fill(dv.begin(), dv.end(), 0.0f);
+      std::fill(dk.begin() + j0 * kBlock * D, dk.begin() + j1 * kBlock * D, 0.0f);
+      std::fill(dv.begin() + j0 * kBlock * D, dv.begin() + j1 * kBlock * D, 0.0f);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         for (int64_t t = 0; t < d.T; ++t) {  // rows past T stay zero (lse +inf: P = 0)
           const int64_t at = ((b * d.T + t) * d.H + h) * D;
@@ -320,7 +347,7 @@ void backward(const Dims& d, const Backward& a) {
         }
         std::fill(lse.begin() + d.T, lse.end(), kInf);
         std::fill(dq.begin(), dq.end(), 0.0f);
-        for (int64_t j = 0; j < d.nk(); ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           for (int64_t i = 0; i < d.nq(); ++i) {
             const int64_t rows = std::min(kBlock, d.T - i * kBlock);
             if (key_blocks_seen(d, a.causal, off, i * kBlock + rows - 1) <= j) continue;
@@ -374,18 +401,31 @@ void backward(const Dims& d, const Backward& a) {
               }
           }
         }
-        for (int64_t t = 0; t < d.T; ++t) {
-          float* dq_t = a.dq + ((b * d.T + t) * d.H + h) * D;
+        for (int64_t t = 0; t < d.T; ++t) {  // dQ, or this chunk's part of it
+          float* dq_t = chunks > 1 ? dq_parts.data() + ((u * G + h - hk * G) * d.T + t) * D : a.dq + ((b * d.T + t) * d.H + h) * D;
           for (int64_t e = 0; e < D; e += 16) _mm512_storeu_ps(dq_t + e, _mm512_mul_ps(_mm512_loadu_ps(dq.data() + t * D + e), scale));
         }
       }
-      for (int64_t s = 0; s < d.S; ++s) {
+      for (int64_t s = j0 * kBlock; s < std::min(d.S, j1 * kBlock); ++s) {
         const int64_t at = ((b * d.S + s) * d.Hkv + hk) * D;
         std::copy(dk.data() + s * D, dk.data() + (s + 1) * D, a.dk + at);
         std::copy(dv.data() + s * D, dv.data() + (s + 1) * D, a.dv + at);
       }
     }
   });
+  if (chunks == 1) return;
+  for (int64_t p = 0; p < pairs; ++p)  // dQ = the sum of the chunks' parts, in chunk order
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < d.T; ++t) {
+        const int64_t b = p / d.Hkv, h = (p % d.Hkv) * G + g;
+        float* dq_t = a.dq + ((b * d.T + t) * d.H + h) * D;
+        for (int64_t e = 0; e < D; e += 16) {
+          __m512 sum = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks; ++c)
+            sum = _mm512_add_ps(sum, _mm512_loadu_ps(dq_parts.data() + (((p * chunks + c) * G + g) * d.T + t) * D + e));
+          _mm512_storeu_ps(dq_t + e, sum);
+        }
+      }
 }
 
 ffi::Error AttentionFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
