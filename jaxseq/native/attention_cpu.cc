@@ -299,24 +299,20 @@ void backward(const Dims& d, const Backward& a) {
   const int64_t pairs = d.B * d.Hkv, part_floats = pairs * G * d.T * D;  // one dQ's floats
   const int64_t chunks = std::clamp<int64_t>(
       std::min((kMinUnits + pairs - 1) / pairs, kMaxPartFloats / std::max<int64_t>(1, part_floats)), 1, nk);
-  std::vector<std::vector<int64_t>> key_chunks(d.B);  // per batch row (offsets differ): chunk bounds in key blocks
-  std::vector<int64_t> chunk_cost;
+  // The cost of key block j of row b: 1 + G x the query blocks that see it (rows' offsets differ).
+  std::vector<std::vector<int64_t>> key_cost(d.B, std::vector<int64_t>(nk, 1)), key_chunks(d.B);
   for (int64_t b = 0; b < d.B; ++b) {
-    auto seen_by = [&](int64_t j) {  // cost of key block j: the query blocks that see it, times G
-      int64_t n = 0;
-      for (int64_t i = 0; i < d.nq(); ++i) n += key_blocks_seen(d, a.causal, a.offset[b], std::min(d.T, (i + 1) * kBlock) - 1) > j;
-      return 1 + G * n;
-    };
-    key_chunks[b] = balanced_ranges(nk, static_cast<int>(chunks), seen_by);
+    for (int64_t i = 0; i < d.nq(); ++i)
+      for (int64_t j = 0; j < key_blocks_seen(d, a.causal, a.offset[b], std::min(d.T, (i + 1) * kBlock) - 1); ++j)
+        key_cost[b][j] += G;
+    key_chunks[b] = balanced_ranges(nk, static_cast<int>(chunks), [&](int64_t j) { return key_cost[b][j]; });
     key_chunks[b].resize(chunks + 1, nk);  // fewer key blocks than chunks: empty chunks at the end
   }
   const int64_t units = pairs * chunks;
   auto unit_cost = [&](int64_t u) {
     const int64_t b = u / chunks / d.Hkv, c = u % chunks;
     int64_t cost = 1;
-    for (int64_t j = key_chunks[b][c]; j < key_chunks[b][c + 1]; ++j)
-      for (int64_t i = 0; i < d.nq(); ++i)
-        cost += G * (key_blocks_seen(d, a.causal, a.offset[b], std::min(d.T, (i + 1) * kBlock) - 1) > j);
+    for (int64_t j = key_chunks[b][c]; j < key_chunks[b][c + 1]; ++j) cost += key_cost[b][j];
     return cost;
   };
   const auto bounds = balanced_ranges(units, max_threads(), unit_cost);
