@@ -68,7 +68,7 @@ def _build(compiler: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        # One compiler per source, side by side (13 -> 8 s on 2 cores), then one link.
+        # One compiler per source, side by side (13 -> 9 s on 2 cores), then one link.
         include = f"-I{jax.ffi.include_dir()}"
         objects = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
         compiles = [[compiler, *FLAGS, "-c", include, str(src), "-o", str(obj)] for src, obj in zip(SOURCES, objects)]
@@ -77,10 +77,10 @@ def _build(compiler: str) -> Path:
         codes = [proc.wait() for proc in procs]  # all of them, before anything leaves this directory
         for cmd, code, log in zip(compiles, codes, logs):
             log.seek(0)
-            text = log.read()
+            output = log.read()
             log.close()
             if code != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-2000:]}")
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-2000:]}")
         out = Path(tmp) / target.name
         link = [compiler, *FLAGS, *map(str, objects), "-o", str(out)]
         done = subprocess.run(link, capture_output=True, text=True)
