@@ -161,13 +161,26 @@ std::vector<int64_t> balanced_ranges(int64_t U, int n, Cost cost) {
   return bounds;
 }
 
+// Causal geometry of block pair (i, j), by tiles of kMR rows: with base = offset + (i - j) kBlock, query
+// row r of block i sees key column c of block j iff c <= base + r. Work past these bounds multiplies
+// exact zeros (masked probabilities), so the tiles skip it: half of every diagonal block pair.
+struct Extent {
+  bool causal;
+  int64_t base;
+  // How many of block j's keys the last query of rows rt..rt+kMR-1 may see.
+  int64_t keys_upto(int64_t rt) const { return causal ? std::clamp<int64_t>(base + rt + kMR, 0, kBlock) : kBlock; }
+  // The first query of block i that key rt of block j may be seen by.
+  int64_t first_query(int64_t rt) const { return causal ? std::clamp<int64_t>(rt - base, 0, kBlock) : 0; }
+};
+
 // S = Q K_j^T for one block pair: Q's kBlock rows D floats apart, K_j^T packed [D][kBlock] -> s
-// [kBlock][kBlock]. The epilogue only stores: masking or exp there, with their constants, made GCC keep
-// the 16 accumulators in memory (a store after every FMA; 1.6x the forward's time), so they run in a
-// pass over s afterwards.
-inline void block_scores(const float* q, const float* kt_j, int64_t D, float* s) {
+// [kBlock][kBlock]; the 32-column panels past `ext` are left unwritten (the caller's mask covers them).
+// The epilogue only stores: masking or exp there, with their constants, made GCC keep the 16
+// accumulators in memory (a store after every FMA; 1.6x the forward's time), so they run in a pass
+// over s afterwards.
+inline void block_scores(const float* q, const float* kt_j, int64_t D, float* s, const Extent& ext) {
   for (int64_t rt = 0; rt < kBlock; rt += kMR)
-    for (int64_t p = 0; p < kBlock; p += 32) {
+    for (int64_t p = 0; p < ext.keys_upto(rt); p += 32) {
       float* base = s + rt * kBlock + p;
       auto store = [base](int r, __m512 a0, __m512 a1) {
         _mm512_storeu_ps(base + r * kBlock, a0);
@@ -219,7 +232,8 @@ void forward(const Dims& d, const Forward& a) {
         const int64_t nj = key_blocks_seen(d, a.causal, off, i * kBlock + rows - 1);
         for (int64_t j = 0; j < nj; ++j) {
           const bool masked = needs_mask(kv, a.causal, off, i, j);
-          block_scores(qc.data(), kv.kt.data() + j * D * kBlock, D, s.data());  // S = (scale q) K_j^T
+          const Extent ext{a.causal, off + (i - j) * kBlock};
+          block_scores(qc.data(), kv.kt.data() + j * D * kBlock, D, s.data(), ext);  // S = (scale q) K_j^T
           // Online softmax: P = exp(S - m_new) in place, alpha = exp(m_old - m_new), l = alpha l + rowsum P.
           for (int64_t r = 0; r < kBlock; ++r) {
             float* sr = s.data() + r * kBlock;
@@ -261,7 +275,7 @@ void forward(const Dims& d, const Forward& a) {
                 _mm512_storeu_ps(orow, a0);
                 _mm512_storeu_ps(orow + 16, a1);
               };
-              tile<kMR>(Seg{s.data() + rt * kBlock, kBlock, kv.vr.data() + j * kBlock * D + p, D, kBlock}, kNone, update);
+              tile<kMR>(Seg{s.data() + rt * kBlock, kBlock, kv.vr.data() + j * kBlock * D + p, D, ext.keys_upto(rt)}, kNone, update);
             }
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -351,7 +365,8 @@ void backward(const Dims& d, const Backward& a) {
             const float* qs_i = qs.data() + i * kBlock * D;
             const float* do_i = dor.data() + i * kBlock * D;
             // S = (scale Q_i) K_j^T, then P = exp(S - lse) in place, 0 where masked.
-            block_scores(qs_i, kv.kt.data() + j * D * kBlock, D, pb.data());
+            const Extent ext{a.causal, off + (i - j) * kBlock};
+            block_scores(qs_i, kv.kt.data() + j * D * kBlock, D, pb.data(), ext);
             for (int64_t r = 0; r < kBlock; ++r) {
               float* row = pb.data() + r * kBlock;
               const __m512 shift = _mm512_set1_ps(lse[i * kBlock + r]);
@@ -372,7 +387,10 @@ void backward(const Dims& d, const Backward& a) {
                   _mm512_storeu_ps(base + r * kBlock, _mm512_mul_ps(_mm512_loadu_ps(pbase + r * kBlock), _mm512_sub_ps(a0, dl)));
                   _mm512_storeu_ps(base + r * kBlock + 16, _mm512_mul_ps(_mm512_loadu_ps(pbase + r * kBlock + 16), _mm512_sub_ps(a1, dl)));
                 };
-                tile<kMR>(Seg{do_i + rt * D, D, kv.vt.data() + j * D * kBlock + p, kBlock, D}, kNone, dscores);
+                if (p < ext.keys_upto(rt))
+                  tile<kMR>(Seg{do_i + rt * D, D, kv.vt.data() + j * D * kBlock + p, kBlock, D}, kNone, dscores);
+                else  // all masked: dS = 0 (the products below read it)
+                  for (int64_t r = 0; r < kMR; ++r) std::fill_n(dsb.data() + (rt + r) * kBlock + p, 32, 0.0f);
               }
             auto add_to = [](float* base, int64_t ld) {
               return [base, ld](int r, __m512 a0, __m512 a1) {
@@ -386,14 +404,15 @@ void backward(const Dims& d, const Backward& a) {
               for (int64_t p = 0; p < D; p += 32) {
                 auto to_dv = add_to(dv.data() + (j * kBlock + rt) * D + p, D);
                 auto to_dk = add_to(dk.data() + (j * kBlock + rt) * D + p, D);
-                tile<kMR, true>(Seg{pb.data() + rt, kBlock, do_i + p, D, kBlock}, kNone, to_dv);
-                tile<kMR, true>(Seg{dsb.data() + rt, kBlock, qs_i + p, D, kBlock}, kNone, to_dk);
+                const int64_t c0 = ext.first_query(rt);  // queries before it see none of these keys
+                tile<kMR, true>(Seg{pb.data() + c0 * kBlock + rt, kBlock, do_i + c0 * D + p, D, kBlock - c0}, kNone, to_dv);
+                tile<kMR, true>(Seg{dsb.data() + c0 * kBlock + rt, kBlock, qs_i + c0 * D + p, D, kBlock - c0}, kNone, to_dk);
               }
             // dQ_i += dS K_j: [queries, D].
             for (int64_t rt = 0; rt < kBlock; rt += kMR)
               for (int64_t p = 0; p < D; p += 32) {
                 auto to_dq = add_to(dq.data() + (i * kBlock + rt) * D + p, D);
-                tile<kMR>(Seg{dsb.data() + rt * kBlock, kBlock, kv.kr.data() + j * kBlock * D + p, D, kBlock}, kNone, to_dq);
+                tile<kMR>(Seg{dsb.data() + rt * kBlock, kBlock, kv.kr.data() + j * kBlock * D + p, D, ext.keys_upto(rt)}, kNone, to_dq);
               }
           }
         }
