@@ -106,11 +106,13 @@ struct PackedKV {
   std::vector<int32_t> kvi;
   std::vector<char> whole;
   int64_t packed = -1;  // which (b, kv head) it holds
+  bool backward;         // kr and vt too
 
-  explicit PackedKV(const Dims& d)
-      : kr(d.nk() * kBlock * d.d), vr(kr.size()), kt(kr.size()), vt(kr.size()), kvi(d.nk() * kBlock), whole(d.nk()) {}
+  PackedKV(const Dims& d, bool backward)
+      : kr(backward ? d.nk() * kBlock * d.d : 0), vr(d.nk() * kBlock * d.d), kt(vr.size()), vt(kr.size()),
+        kvi(d.nk() * kBlock), whole(d.nk()), backward(backward) {}
 
-  void pack(const Dims& d, const float* k, const float* v, const bool* kvalid, int64_t b, int64_t hk, bool backward) {
+  void pack(const Dims& d, const float* k, const float* v, const bool* kvalid, int64_t b, int64_t hk) {
     if (packed == b * d.Hkv + hk) return;
     packed = b * d.Hkv + hk;
     for (int64_t s = 0; s < d.S; ++s) {
@@ -214,11 +216,11 @@ void forward(const Dims& d, const Forward& a) {
     return 1 + key_blocks_seen(d, a.causal, a.offset[b], std::min(d.T, (i + 1) * kBlock) - 1);
   });
   run_threads(static_cast<int>(bounds.size()) - 1, [&](int tid) {
-    PackedKV kv(d);
+    PackedKV kv(d, false);
     std::vector<float> qc(kBlock * D), s(kBlock * kBlock), o(kBlock * D), m(kBlock), l(kBlock), alpha(kBlock);
     for (int64_t u = bounds[tid]; u < bounds[tid + 1]; ++u) {
       const int64_t b = u / (d.H * nq), h = u / nq % d.H, i = u % nq, off = a.offset[b];
-      kv.pack(d, a.k, a.v, a.kvalid, b, h / G, false);
+      kv.pack(d, a.k, a.v, a.kvalid, b, h / G);
       {
         const int64_t rows = std::min(kBlock, d.T - i * kBlock);
         // This block's queries, scaled, in rows D floats apart; rows past T are zeros.
@@ -332,14 +334,14 @@ void backward(const Dims& d, const Backward& a) {
   const auto bounds = balanced_ranges(units, max_threads(), unit_cost);
   std::vector<float> dq_parts(chunks > 1 ? chunks * part_floats : 0);  // [unit][g][t][d]
   run_threads(static_cast<int>(bounds.size()) - 1, [&](int tid) {
-    PackedKV kv(d);
+    PackedKV kv(d, true);
     std::vector<float> qs(Tp * D), dor(Tp * D), dq(Tp * D), lse(Tp), delta(Tp);
     std::vector<float> dk(Sp * D), dv(Sp * D), pb(kBlock * kBlock), dsb(kBlock * kBlock);
     const __m512 scale = _mm512_set1_ps(a.scale);
     for (int64_t u = bounds[tid]; u < bounds[tid + 1]; ++u) {  // u = (b * Hkv + hk) * chunks + c
       const int64_t b = u / chunks / d.Hkv, hk = u / chunks % d.Hkv, c = u % chunks, off = a.offset[b];
       const int64_t j0 = key_chunks[b][c], j1 = key_chunks[b][c + 1];
-      kv.pack(d, a.k, a.v, a.kvalid, b, hk, true);
+      kv.pack(d, a.k, a.v, a.kvalid, b, hk);
       std::fill(dk.begin() + j0 * kBlock * D, dk.begin() + j1 * kBlock * D, 0.0f);
       std::fill(dv.begin() + j0 * kBlock * D, dv.begin() + j1 * kBlock * D, 0.0f);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
