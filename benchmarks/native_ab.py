@@ -29,12 +29,11 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import jaxseq.native_attention as native_attention  # noqa: E402
-import jaxseq.native_lstm as native_lstm  # noqa: E402
 from _common import timed_rounds  # noqa: E402
 from jaxseq import native  # noqa: E402
 from jaxseq.cells import GRU, LSTM  # noqa: E402
 from jaxseq.native_gru import gru_sequence_native  # noqa: E402
+from jaxseq.native_attention import native_attention  # noqa: E402
 from jaxseq.native_lstm import lstm_sequence_native  # noqa: E402
 
 
@@ -57,10 +56,10 @@ def attention_step(mode, batch, length, heads=4, head_dim=64):
     q, k, v, g = (jax.random.normal(jax.random.key(i), (batch, length, heads, head_dim)) for i in range(4))
 
     def train(q, k, v, g):
-        out, vjp = jax.vjp(lambda q, k, v: native_attention.native_attention(q, k, v, causal=True), q, k, v)
+        out, vjp = jax.vjp(lambda q, k, v: native_attention(q, k, v, causal=True), q, k, v)
         return (out,) + vjp(g)
 
-    fn = jax.jit(train if mode == "train" else lambda q, k, v, g: native_attention.native_attention(q, k, v, causal=True))
+    fn = jax.jit(train if mode == "train" else lambda q, k, v, g: native_attention(q, k, v, causal=True))
     jax.block_until_ready(fn(q, k, v, g))  # traces with the current TARGET_PREFIX
     return lambda: jax.block_until_ready(fn(q, k, v, g))
 
@@ -101,16 +100,15 @@ def main():
     attention = args.cell == "attention"
     source = "attention_cpu.cc" if attention else "rnn_cpu.cc"
     register_variant(args.variant or native.HERE / source, source, args.flags.split())
-    module = native_attention if attention else native_lstm  # whose TARGET_PREFIX the calls read
     batch = args.batch or (8 if attention else 32)
     for size in map(int, (args.lengths if attention else args.hidden).split(",")):
         for mode in args.modes.split(","):
             calls = {}
             for name, prefix in (("A", "jaxseq"), ("B", "variant")):
-                module.TARGET_PREFIX = prefix
+                native.TARGET_PREFIX = prefix
                 calls[name] = (attention_step(mode, batch, size) if attention
                                else step(args.cell, size, mode, batch, args.length, args.d_in))
-            module.TARGET_PREFIX = "jaxseq"
+            native.TARGET_PREFIX = "jaxseq"
             (times,) = timed_rounds(calls, args.repeats)
             a, b = (statistics.median(times[k]) for k in "AB")
             print(f"{args.cell} {size} {mode}: A {1e3 * a:.1f} ms, B {1e3 * b:.1f} ms, B/A time {b / a:.3f}", flush=True)

@@ -60,6 +60,27 @@ def _check_qkv(q, k, v):
     return B, T, H, S
 
 
+def _key_validity(key_padding_mask, B: int, S: int):
+    """bool [B, S], True = valid key: the checked key-padding mask, or all True when None."""
+    if key_padding_mask is None:
+        return jnp.ones((B, S), bool)
+    if tuple(np.shape(key_padding_mask)) != (B, S):
+        raise ShapeError(
+            f"key_padding_mask must be bool [batch, keys] = {(B, S)}, got shape {tuple(np.shape(key_padding_mask))}."
+        )
+    return jnp.asarray(key_padding_mask).astype(bool)
+
+
+def _row_offsets(q_offset, B: int):
+    """int32 [B]: the checked query offset (an int, or an int array [] / [batch]) for each row."""
+    off = jnp.asarray(q_offset)
+    if off.ndim not in (0, 1) or (off.ndim == 1 and off.shape[0] != B):
+        raise ShapeError(f"q_offset must be an int, or an int array of shape [] or [batch] = [{B}], got {off.shape}.")
+    if not jnp.issubdtype(off.dtype, jnp.integer):
+        raise ShapeError(f"q_offset must hold integer positions, got dtype {off.dtype}.")
+    return jnp.broadcast_to(off.astype(jnp.int32), (B,))
+
+
 def _as_4d_mask(mask, B, T, H, S):
     """Bring a user mask to [B|1, H|1, T|1, S] bool, checking it broadcasts."""
     shp = _shape(mask)

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxseq.attention import _check_qkv  # the shared shape checks (attention imports this module lazily)
-from jaxseq.errors import ConfigError, ShapeError
+from jaxseq.attention import _check_qkv, _key_validity, _row_offsets  # the shared checks (attention imports this module lazily)
+from jaxseq.errors import ConfigError
 
 # Chosen by measurement on the 2-core CPU (benchmarks/attention_scaling.py, benchmarks/README.md). With
 # YNNPACK dots (how jaxseq's Transformer steps compile on CPU, jaxseq.xla_options) a step's batched
@@ -437,12 +437,7 @@ def flash_attention(
             static_offset = int(q_offset)
             offset = jnp.full((BH,), static_offset, jnp.int32)
         else:
-            off = jnp.asarray(q_offset)
-            if off.ndim not in (0, 1) or (off.ndim == 1 and off.shape[0] != B):
-                raise ShapeError(f"q_offset must be an int, or an int array of shape [] or [batch] = [{B}], got {off.shape}.")
-            if not jnp.issubdtype(off.dtype, jnp.integer):
-                raise ShapeError(f"q_offset must hold integer positions, got dtype {off.dtype}.")
-            offset = jnp.repeat(jnp.broadcast_to(off.astype(jnp.int32), (B,)), Hkv)
+            offset = jnp.repeat(_row_offsets(q_offset, B), Hkv)
     offset = offset.reshape(nc, c, 1, 1)
 
     bq, nq = _split_blocks(T, max(1, int(block_q) // G))
@@ -450,15 +445,7 @@ def flash_attention(
     Tp, Sp = bq * nq, bk * nk
 
     has_padding = key_padding_mask is not None
-    if has_padding:
-        if tuple(np.shape(key_padding_mask)) != (B, S):
-            raise ShapeError(
-                f"key_padding_mask must be bool [batch, keys] = {(B, S)}, got shape {tuple(np.shape(key_padding_mask))}."
-            )
-        kvalid = jnp.asarray(key_padding_mask).astype(bool)
-    else:
-        kvalid = jnp.ones((B, S), bool)
-    kvalid = jnp.pad(kvalid, ((0, 0), (0, Sp - S)))  # padded keys are invalid
+    kvalid = jnp.pad(_key_validity(key_padding_mask, B, S), ((0, 0), (0, Sp - S)))  # padded keys are invalid
     kvalid = jnp.broadcast_to(kvalid.reshape(B, Sp, 1, 1, 1), (B, Sp, Hkv, 1, 1))
     kvalid = _to_blocks(kvalid, nk, c)[..., 0][:, :, :, None, :]  # [nc, nk, c, 1, bk]
 

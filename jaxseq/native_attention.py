@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq import native
-from jaxseq.attention import _check_qkv
-from jaxseq.errors import ShapeError
+from jaxseq.attention import _check_qkv, _key_validity, _row_offsets
 
 
 def native_eligible(q, k, v) -> bool:
@@ -33,22 +32,10 @@ def native_eligible(q, k, v) -> bool:
     return q.shape[-1] % 32 == 0 and native.available()
 
 
-# The FFI targets' prefix, read at trace time (a benchmark can register a variant build under another).
-TARGET_PREFIX = "jaxseq"
-
-
-def _call(target, outs):
-    return jax.ffi.ffi_call(target.replace("jaxseq", TARGET_PREFIX, 1), outs, vmap_method="sequential")
-
-
-def _f32(*shape):
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
 def _forward(q, k, v, kvalid, offset, causal, scale):
     B, T, H, _ = q.shape
-    call = _call("jaxseq_attention_fwd", (_f32(*q.shape), _f32(B, H, T)))
-    return call(q, k, v, kvalid, offset, causal=causal, scale=np.float32(scale))
+    outs = (native.f32(*q.shape), native.f32(B, H, T))
+    return native.call("jaxseq_attention_fwd", outs, q, k, v, kvalid, offset, causal=causal, scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -63,8 +50,9 @@ def _attention_fwd(q, k, v, kvalid, offset, causal, scale):
 
 def _attention_bwd(causal, scale, res, dout):
     q, k, v, kvalid, offset, out, lse = res
-    call = _call("jaxseq_attention_bwd", (_f32(*q.shape), _f32(*k.shape), _f32(*v.shape)))
-    dq, dk, dv = call(q, k, v, kvalid, offset, out, lse, dout.astype(jnp.float32), causal=causal, scale=np.float32(scale))
+    outs = (native.f32(*q.shape), native.f32(*k.shape), native.f32(*v.shape))
+    dq, dk, dv = native.call("jaxseq_attention_bwd", outs, q, k, v, kvalid, offset, out, lse, dout.astype(jnp.float32),
+                             causal=causal, scale=np.float32(scale))
     return dq, dk, dv, None, None
 
 
@@ -91,18 +79,6 @@ def native_attention(q, k, v, *, causal: bool = False, key_padding_mask=None, q_
     if T == 0:
         return jnp.zeros(q.shape, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if key_padding_mask is None:
-        kvalid = jnp.ones((B, S), bool)
-    else:
-        if tuple(np.shape(key_padding_mask)) != (B, S):
-            raise ShapeError(
-                f"key_padding_mask must be bool [batch, keys] = {(B, S)}, got shape {tuple(np.shape(key_padding_mask))}."
-            )
-        kvalid = jnp.asarray(key_padding_mask).astype(bool)
-    offset = jnp.asarray(q_offset if causal else 0)
-    if offset.ndim not in (0, 1) or (offset.ndim == 1 and offset.shape[0] != B):
-        raise ShapeError(f"q_offset must be an int, or an int array of shape [] or [batch] = [{B}], got {offset.shape}.")
-    if not jnp.issubdtype(offset.dtype, jnp.integer):
-        raise ShapeError(f"q_offset must hold integer positions, got dtype {offset.dtype}.")
-    offset = jnp.broadcast_to(offset.astype(jnp.int32), (B,))
+    kvalid = _key_validity(key_padding_mask, B, S)
+    offset = _row_offsets(q_offset if causal else 0, B)
     return _attention(q, k, v, kvalid, offset, bool(causal), scale)

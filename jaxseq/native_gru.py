@@ -16,7 +16,7 @@ import numpy as np
 from jaxseq import native
 # The same conditions as the LSTM's (one CPU device, float32, H % 32 == 0, H >= MIN_HIDDEN): the params
 # have the same names.
-from jaxseq.native_lstm import _call, _f32, _perm, native_eligible  # noqa: F401
+from jaxseq.native_lstm import _perm, native_eligible  # noqa: F401
 
 
 def _forward(params, xs, mask, h0, resets, training):
@@ -25,10 +25,10 @@ def _forward(params, xs, mask, h0, resets, training):
     b_ih, b_hh = params["b_ih"], params["b_hh"]
     blocks = jnp.concatenate([b_ih[: 2 * hidden] + b_hh[: 2 * hidden], b_hh[2 * hidden:], b_ih[2 * hidden:]])
     bias = blocks[_perm(hidden)[0]]  # [r, z, hn, xn] blocks -> panel order
-    saved = (_f32(b * t, 4 * hidden), _f32(b, t, hidden)) if training else ()
-    outs = (_f32(b, t, hidden),) + saved + (_f32(b, hidden),)
+    saved = (native.f32(b * t, 4 * hidden), native.f32(b, t, hidden)) if training else ()
+    outs = (native.f32(b, t, hidden),) + saved + (native.f32(b, hidden),)
     target = "jaxseq_gru_fwd" if training else "jaxseq_gru_infer"
-    return _call(target, outs, xs, params["w_ih"], bias, params["w_hh"], h0, mask, resets)
+    return native.call(target, outs, xs, params["w_ih"], bias, params["w_hh"], h0, mask, resets)
 
 
 @jax.custom_vjp
@@ -46,7 +46,7 @@ def _gru_bwd(res, cts):
     dys, dh = cts
     b, t, d = xs.shape
     hidden = hs.shape[-1]
-    dz, dh0 = _call("jaxseq_gru_bwd", (_f32(b * t, 4 * hidden), _f32(b, hidden)),
+    dz, dh0 = native.call("jaxseq_gru_bwd", (native.f32(b * t, 4 * hidden), native.f32(b, hidden)),
                     gates, hs, params["w_hh"], mask, resets, dys, dh, aliases={0: 0})  # [dr, dz, dhn, dn] over the gates
     perm, inv = _perm(hidden)
     # dz's panel columns of the blocks [r, z, hn] (W_hh's gradient) and [r, z, xn] (W_ih's), in jaxseq's order

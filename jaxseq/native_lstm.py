@@ -24,10 +24,6 @@ import numpy as np
 
 from jaxseq import native
 
-# The FFI targets' prefix, read at trace time (a benchmark can register a variant build under another).
-TARGET_PREFIX = "jaxseq"
-
-
 @functools.cache
 def _perm(hidden: int) -> tuple[np.ndarray, np.ndarray]:
     """Panel order -> jaxseq's column order (i, f, g, o blocks of H), and its inverse."""
@@ -54,23 +50,14 @@ def native_eligible(params, xs) -> bool:
     return hidden % 32 == 0 and hidden >= MIN_HIDDEN and xs.shape[0] > 0 and xs.shape[1] > 0 and native.available()
 
 
-def _call(target, outs, *args, aliases=None):
-    target = target.replace("jaxseq", TARGET_PREFIX, 1)
-    return jax.ffi.ffi_call(target, outs, vmap_method="sequential", input_output_aliases=aliases or {})(*args)
-
-
-def _f32(*shape):
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
 def _forward(params, xs, mask, carry0, resets, training):
     b, t, _ = xs.shape
     hidden = params["w_hh"].shape[0]
     bias = (params["b_ih"] + params["b_hh"])[_perm(hidden)[0]]
-    state = (_f32(b, t, hidden),) + ((_f32(b * t, 4 * hidden), _f32(b, t, hidden), _f32(b, t, hidden)) if training else ())
-    outs = state + (_f32(b, hidden), _f32(b, hidden))
+    state = (native.f32(b, t, hidden),) + ((native.f32(b * t, 4 * hidden), native.f32(b, t, hidden), native.f32(b, t, hidden)) if training else ())
+    outs = state + (native.f32(b, hidden), native.f32(b, hidden))
     target = "jaxseq_lstm_fwd" if training else "jaxseq_lstm_infer"
-    return _call(target, outs, xs, params["w_ih"], bias, params["w_hh"], *carry0, mask, resets)
+    return native.call(target, outs, xs, params["w_ih"], bias, params["w_hh"], *carry0, mask, resets)
 
 
 @jax.custom_vjp
@@ -89,7 +76,7 @@ def _lstm_bwd(res, cts):
     dys, (dh, dc) = cts
     b, t, d = xs.shape
     hidden = hs.shape[-1]
-    dz, dh0, dc0 = _call("jaxseq_lstm_bwd", (_f32(b * t, 4 * hidden), _f32(b, hidden), _f32(b, hidden)),
+    dz, dh0, dc0 = native.call("jaxseq_lstm_bwd", (native.f32(b * t, 4 * hidden), native.f32(b, hidden), native.f32(b, hidden)),
                          gates, cs, params["w_hh"], mask, resets, dys, dh, dc, aliases={0: 0})  # dz over the gates
     perm, inv = _perm(hidden)
     db = jnp.sum(dz, axis=0)[inv]

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "rnn_cpu.cc", HERE / "attention_cpu.cc"]
@@ -39,6 +40,9 @@ TARGETS = {
     "jaxseq_attention_fwd": "JaxseqAttentionFwd", "jaxseq_attention_bwd": "JaxseqAttentionBwd",
 }
 _REASON: list[str] = []
+# The FFI targets' prefix, read when a call is traced (benchmarks/native_ab.py registers a variant build
+# under another and switches between the two).
+TARGET_PREFIX = "jaxseq"
 
 
 def _cpu_supported() -> str | None:
@@ -121,3 +125,18 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why `available()` is False (None when it is True)."""
     return None if available() else _REASON[-1]
+
+
+def f32(*shape) -> jax.ShapeDtypeStruct:
+    """A float32 result of a kernel call."""
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def call(target: str, outs, *args, aliases=None, **attrs):
+    """Call the kernel `target` (named with the "jaxseq" prefix; `TARGET_PREFIX` replaces it) on args.
+
+    vmap runs the kernel once per example; `aliases` maps inputs to the results that reuse their buffer.
+    """
+    fn = jax.ffi.ffi_call(target.replace("jaxseq", TARGET_PREFIX, 1), outs, vmap_method="sequential",
+                          input_output_aliases=aliases or {})
+    return fn(*args, **attrs)
