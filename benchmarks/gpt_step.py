@@ -51,6 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxseq.config import TransformerConfig  # noqa: E402
 from jaxseq.losses import lm_loss_fn  # noqa: E402
+from jaxseq.malloc import keep_freed_memory  # noqa: E402
 from jaxseq.models.transformer import TransformerLM  # noqa: E402
 from jaxseq.train import init_train_state, make_train_step  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
@@ -163,7 +164,12 @@ def main():
     ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="forward/backward dtype (params and AdamW stay float32; torch: autocast); MFU is "
                          "then taken against the bfloat16 matmul peak")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="keep glibc's default malloc; by default the process reuses freed memory as `jaxseq "
+                         "train` does (jaxseq/malloc.py), for every competitor alike")
     args = ap.parse_args()
+    if not args.system_malloc:
+        keep_freed_memory()  # before JAX's first computation
     L, H, D, T, B, V = args.layers, args.heads, args.d_model, args.context, args.batch, args.vocab
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)

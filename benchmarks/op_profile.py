@@ -44,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jaxseq  # noqa: E402
+from jaxseq.malloc import keep_freed_memory  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
 
 # Trace events that are not ops: the runtime's own spans and Python-side annotations.
@@ -243,7 +244,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="traced steps, at least 2 (the last one is reported)")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", default="", help="also write the report here")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="keep glibc's default malloc (by default freed memory is reused, as in `jaxseq train`)")
     args = ap.parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()  # before JAX's first computation (jaxseq/malloc.py)
     if args.steps < 2:  # the last step is found as "after the previous one ended"
         ap.error("--steps must be at least 2")
     defaults = {"lstm": (128, 32), "gru": (128, 32), "attention": (1024, 8), "gpt": (None, 16)}[args.case]
@@ -260,7 +265,7 @@ def main(argv=None):
         fn, fn_args = gpt_case(args)
         title = f"GPT train step, {args.layers} layers, d {args.d_model}, context {args.context}, batch {args.batch}"
     hlo = fn.lower(*fn_args).compile().as_text()
-    for _ in range(3):  # compile and warm up
+    for _ in range(5):  # compile and warm up (the heap reaches its steady size over a few steps)
         jax.block_until_ready(fn(*fn_args))
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()

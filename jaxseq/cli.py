@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import tyro
 
 from jaxseq.config import TrainConfig
+from jaxseq.malloc import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None):
         raise SystemExit(2 if args and args[0] not in ("-h", "--help") else 0)
     command, rest = args[0], args[1:]
     fn = commands[command]
+    keep_freed_memory()  # before JAX's first computation (jaxseq/malloc.py)
     if command == "train":
         parsed = tyro.cli(TrainConfig, args=rest, prog="jaxseq train", description=TrainConfig.__doc__)
     else:

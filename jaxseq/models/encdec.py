@@ -31,10 +31,10 @@ from jaxseq.models.transformer import (
     add_positions,
     check_heads,
     check_positional,
-    dense,
     gpt_init,
     mask_positions,
 )
+from jaxseq.native_dense import Dense
 
 
 class CrossAttention(nn.Module):
@@ -52,22 +52,22 @@ class CrossAttention(nn.Module):
         self.kv_heads = check_heads(self.d_model, self.num_heads, self.num_kv_heads)
         self.head_dim = self.d_model // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.q_proj = nn.Dense(self.d_model, kernel_init=gpt_init, **kw)
-        self.kv_proj = nn.Dense(2 * self.kv_heads * self.head_dim, kernel_init=gpt_init, **kw)
-        self.c_proj = nn.Dense(self.d_model, kernel_init=nn.initializers.normal(0.02 * self.out_init_scale), **kw)
+        self.q_proj = Dense(self.d_model, kernel_init=gpt_init, **kw)
+        self.kv_proj = Dense(2 * self.kv_heads * self.head_dim, kernel_init=gpt_init, **kw)
+        self.c_proj = Dense(self.d_model, kernel_init=nn.initializers.normal(0.02 * self.out_init_scale), **kw)
 
     def memory_kv(self, memory):
         """memory [B, S, D] -> (k, v), each [B, S, kv_heads, head_dim]. Done once per source for decoding."""
         B, S, _ = memory.shape
-        kv = dense(self.kv_proj, memory).reshape(B, S, 2, self.kv_heads, self.head_dim)
+        kv = self.kv_proj(memory).reshape(B, S, 2, self.kv_heads, self.head_dim)
         return kv[:, :, 0], kv[:, :, 1]
 
     def __call__(self, x, k, v, src_mask=None):
         """x [B, T, D] attends to memory keys/values; src_mask [B, S] hides source padding."""
         B, T, _ = x.shape
-        q = dense(self.q_proj, x).reshape(B, T, self.num_heads, self.head_dim)
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         y = attention(q, k, v, mask=src_mask, implementation=self.implementation)
-        return dense(self.c_proj, y.reshape(B, T, self.d_model))
+        return self.c_proj(y.reshape(B, T, self.d_model))
 
 
 class DecoderBlock(Block):

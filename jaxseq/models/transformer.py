@@ -31,18 +31,10 @@ import numpy as np
 from jaxseq.attention import KVCache, apply_rope, attention, check_cache_room, sinusoidal_positions
 from jaxseq.checks import check_mask, check_tokens, is_concrete
 from jaxseq.errors import ConfigError, ShapeError
+from jaxseq.native_dense import Dense
 
 POSITIONAL = ("learned", "sinusoidal", "rope")
 gpt_init = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
-
-
-def dense(layer: nn.Dense, x):
-    """Apply `layer` to [..., d] as a 2-D matmul on [prod(...), d].
-
-    Why: on 3-D [B, T, d] inputs XLA sent the weight-gradient matmul down a slow path; flattening
-    first was +67% on a small GPT train step on CPU (DESIGN.md).
-    """
-    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 def check_heads(d_model: int, num_heads: int, num_kv_heads: int | None) -> int:
@@ -79,9 +71,9 @@ class SelfAttention(nn.Module):
         self.kv_heads = check_heads(self.d_model, self.num_heads, self.num_kv_heads)
         self.head_dim = self.d_model // self.num_heads
         width = (self.num_heads + 2 * self.kv_heads) * self.head_dim
-        self.c_attn = nn.Dense(width, kernel_init=gpt_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.c_attn = Dense(width, kernel_init=gpt_init, dtype=self.dtype, param_dtype=self.param_dtype)
         out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
-        self.c_proj = nn.Dense(self.d_model, kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.c_proj = Dense(self.d_model, kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, x, positions, mask=None, cache: KVCache | None = None, lengths=None):
         """x [B, T, D], positions int [B, T]; mask [B, T] key padding (parallel form only).
@@ -91,7 +83,7 @@ class SelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, K, d = self.num_heads, self.kv_heads, self.head_dim
-        qkv = dense(self.c_attn, x)  # [B, T, (H + 2K) * d]
+        qkv = self.c_attn(x)  # [B, T, (H + 2K) * d]
         q = qkv[..., : H * d].reshape(B, T, H, d)
         k = qkv[..., H * d : (H + K) * d].reshape(B, T, K, d)
         v = qkv[..., (H + K) * d :].reshape(B, T, K, d)
@@ -106,7 +98,7 @@ class SelfAttention(nn.Module):
             offset = cache.index
             cache = cache.update(k, v, lengths)
             y = attention(q, cache.k, cache.v, causal=True, q_offset=offset, implementation=self.implementation)
-        return dense(self.c_proj, y.reshape(B, T, H * d)), cache
+        return self.c_proj(y.reshape(B, T, H * d)), cache
 
 
 class MLP(nn.Module):
@@ -120,10 +112,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = dense(nn.Dense(self.d_ff, kernel_init=gpt_init, name="c_fc", **kw), x)
-        h = jax.nn.gelu(h, approximate=self.gelu_approximate)
+        # The tanh GELU runs inside the dense layer (fused on the native CPU kernel); the exact one after it.
+        fused = "gelu_tanh" if self.gelu_approximate else None
+        h = Dense(self.d_ff, activation=fused, kernel_init=gpt_init, name="c_fc", **kw)(x)
+        if not self.gelu_approximate:
+            h = jax.nn.gelu(h, approximate=False)
         out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
-        return dense(nn.Dense(self.d_model, kernel_init=out_init, name="c_proj", **kw), h)
+        return Dense(self.d_model, kernel_init=out_init, name="c_proj", **kw)(h)
 
 
 class Block(nn.Module):

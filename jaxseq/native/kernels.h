@@ -1,5 +1,6 @@
-// Shared parts of jaxseq's native CPU kernels (rnn_cpu.cc, attention_cpu.cc): the register-tiled
-// matmul with a fused epilogue, threads for one call, and 2 MB pages for large outputs.
+// Shared parts of jaxseq's native CPU kernels (rnn_cpu.cc, attention_cpu.cc, dense_cpu.cc): a vector
+// exp, the register-tiled matmul with a fused epilogue, threads for one call, and 2 MB pages for large
+// outputs.
 #pragma once
 
 #include <immintrin.h>
@@ -14,6 +15,24 @@
 #include <sys/mman.h>
 
 namespace jaxseq_native {
+
+// exp(x) in float32: Cephes' expf (a degree-6 polynomial on [-ln 2 / 2, ln 2 / 2], ~1 ulp) times 2^n by
+// scalef. Inputs below -110 give exactly 0: the masked scores (-inf) and the rows whose lse is +inf.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln 2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
 
 constexpr int kMR = 8;  // rows of a matmul tile; 8 x 32 outputs = 16 zmm accumulators
 

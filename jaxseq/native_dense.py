@@ -1,0 +1,123 @@
+"""Dense layers on the native CPU kernel (`jaxseq/native/dense_cpu.cc`), and the `Dense` module that uses it.
+
+`native_dense(x, kernel, bias, gelu)` computes `act(x @ kernel + bias)` for float32 x [M, K] and kernel
+[K, N] (K and N multiples of 32) as one XLA FFI call, its backward (dx, dkernel, dbias, through the
+GELU) as another. The GELU is the tanh approximation (GPT-2's "gelu_new", `jax.nn.gelu(approximate=
+True)`). Tested against a float64 NumPy reference, gradients included (tests/test_native_dense.py).
+
+`Dense` is a drop-in for `flax.linen.Dense` (the same parameters, "kernel" [K, N] and "bias" [N], and
+initialisers), with an optional fused activation; it runs the native kernel when `dense_eligible`
+holds and XLA's matmul otherwise, with the same numbers to float32 rounding. The Transformers' layers
+use it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxseq import native
+from jaxseq.errors import ConfigError
+
+# Fewer rows than this (a decoding step's batch, say) stay in XLA: the kernel packs the whole weight
+# matrix on every call, which only pays over many rows (benchmarks/README.md, GPT attempt 13).
+NATIVE_MIN_ROWS = 128
+ACTIVATIONS = (None, "gelu_tanh")
+
+
+def dense_eligible(x, kernel) -> bool:
+    """Static conditions for the native kernel: the CPU backend with one device (a sharded program keeps
+    XLA's matmul, which XLA can partition), float32 x [M, K] and kernel [K, N] with K and N multiples of
+    32 and M >= NATIVE_MIN_ROWS, and the kernels built."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    if x.ndim != 2 or kernel.ndim != 2 or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        return False
+    M, K = x.shape
+    return M >= NATIVE_MIN_ROWS and K % 32 == 0 and kernel.shape[1] % 32 == 0 and native.available()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dense(x, kernel, bias, gelu):
+    return native.call("jaxseq_dense_fwd", native.f32(x.shape[0], kernel.shape[1]), x, kernel, bias, gelu=gelu)
+
+
+def _dense_fwd(x, kernel, bias, gelu):
+    shape = native.f32(x.shape[0], kernel.shape[1])
+    if not gelu:
+        return _dense(x, kernel, bias, gelu), (x, kernel, None)
+    y, pre = native.call("jaxseq_dense_fwd_train", (shape, shape), x, kernel, bias, gelu=gelu)
+    return y, (x, kernel, pre)
+
+
+def _dense_bwd(gelu, res, dy):
+    x, kernel, pre = res
+    dy = dy.astype(jnp.float32)
+    outs = (native.f32(*x.shape), native.f32(*kernel.shape), native.f32(kernel.shape[1]))
+    # Without the GELU the kernel never reads `pre`; dy stands in, so y need not outlive the forward.
+    dx, dkernel, dbias = native.call("jaxseq_dense_bwd", outs, x, kernel, dy if pre is None else pre, dy, gelu=gelu)
+    return dx, dkernel, dbias
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def native_dense(x, kernel, bias=None, *, gelu: bool = False):
+    """act(x @ kernel + bias) on the native CPU kernel (check `dense_eligible` first).
+
+    Args:
+      x: [M, K] float32.  kernel: [K, N] float32, K and N multiples of 32.  bias: [N] or None.
+      gelu: apply the tanh-approximate GELU to the result.
+
+    Returns:
+      [M, N] float32.
+    """
+    if not native.available():
+        raise RuntimeError(f"jaxseq's native dense kernel is unavailable: {native.unavailable_reason()}")
+    if x.ndim != 2 or kernel.ndim != 2 or x.shape[1] != kernel.shape[0]:
+        raise ValueError(f"native_dense needs x [M, K] and kernel [K, N]; got x {x.shape}, kernel {kernel.shape}.")
+    if x.shape[1] % 32 or kernel.shape[1] % 32:
+        raise ValueError(f"native_dense needs K and N to be multiples of 32; got kernel {kernel.shape}.")
+    b = jnp.zeros((kernel.shape[1],), jnp.float32) if bias is None else bias
+    return _dense(x, kernel, b, bool(gelu))
+
+
+class Dense(nn.Module):
+    """`flax.linen.Dense` with an optional fused activation, on the native CPU kernel when eligible.
+
+    x [..., K] -> [..., features]; the matmul runs on x flattened to [prod(...), K] (on 3-D inputs XLA
+    sent the weight-gradient matmul down a slow path; flattening first was +67% on a small GPT train
+    step on CPU, DESIGN.md). activation: None or "gelu_tanh".
+    """
+
+    features: int
+    use_bias: bool = True
+    activation: str | None = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"Dense activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        gelu = self.activation == "gelu_tanh"
+        if dense_eligible(x2, kernel):
+            y = native_dense(x2, kernel, bias, gelu=gelu)
+        else:
+            y = x2 @ kernel
+            if bias is not None:
+                y = y + bias
+            if gelu:
+                y = jax.nn.gelu(y, approximate=True)
+        return y.reshape(*lead, self.features)

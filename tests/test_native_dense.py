@@ -1,0 +1,156 @@
+"""The native CPU dense kernel (jaxseq/native/dense_cpu.cc) against a float64 NumPy reference: y =
+act(x W + b) and dx, dW, db, with and without the tanh GELU, for row counts that are not a multiple of
+the kernel's 8-row tiles and both ways of splitting dW; the `Dense` module's routing; and the malloc
+setting that lets a step reuse its buffers (jaxseq/malloc.py)."""
+
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseq import native
+from jaxseq.errors import ConfigError
+from jaxseq.native_dense import NATIVE_MIN_ROWS, Dense, dense_eligible, native_dense
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}")
+
+TOL = dict(rtol=2e-5, atol=2e-5)  # float32 rounding on O(1) values (sums of up to 300 products)
+
+
+def reference(x, w, b, dy, gelu):
+    """float64 forward and backward of act(x w + b): (y, dx, dw, db)."""
+    x, w, b, dy = (np.asarray(a, np.float64) for a in (x, w, b, dy))
+    pre = x @ w + b
+    if gelu:
+        c = math.sqrt(2 / math.pi)
+        t = np.tanh(c * (pre + 0.044715 * pre**3))
+        y = 0.5 * pre * (1 + t)
+        g = dy * (0.5 * (1 + t) + 0.5 * pre * (1 - t**2) * c * (1 + 3 * 0.044715 * pre**2))
+    else:
+        y, g = pre, dy
+    return y, g @ w.T, x.T @ g, g.sum(0)
+
+
+def inputs(M, K, N, seed=0):
+    r = np.random.RandomState(seed)
+    f = lambda *s: r.randn(*s).astype(np.float32)  # noqa: E731
+    # Weights scaled so that x W is O(1): the GELU's curved part, not its linear tails, gets tested.
+    return f(M, K), f(K, N) / np.sqrt(K), f(N), f(M, N)
+
+
+@functools.partial(jax.jit, static_argnames="gelu")
+def _with_grads(x, w, b, dy, gelu):
+    y, vjp = jax.vjp(lambda x, w, b: native_dense(x, w, b, gelu=gelu), x, w, b)
+    return (y,) + vjp(dy)
+
+
+SHAPES = {
+    # name: (M, K, N)
+    "rows a multiple of 8, N > K (dW split by column panels)": (96, 64, 160),
+    "37 rows: a partial tile": (37, 32, 32),
+    "K > N (dW split by row strips), 300 rows (chunks of 256 and a tail)": (300, 128, 32),
+    "one row": (1, 32, 64),
+}
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_matches_float64_reference(name, gelu):
+    x, w, b, dy = inputs(*SHAPES[name], seed=3)
+    got = _with_grads(x, w, b, dy, gelu=gelu)
+    for label, a, want in zip(("y", "dx", "dw", "db"), got, reference(x, w, b, dy, gelu)):
+        scale = max(1.0, float(np.abs(want).max()))  # db and dw are sums over rows: compare relative to their size
+        np.testing.assert_allclose(np.asarray(a) / scale, want / scale, **TOL, err_msg=label)
+
+
+def test_no_rows_gives_zero_gradients():
+    x, w, b, dy = inputs(0, 32, 64)
+    y, dx, dw, db = _with_grads(x, w, b, dy, gelu=True)
+    assert y.shape == (0, 64) and dx.shape == (0, 32)
+    np.testing.assert_array_equal(np.asarray(dw), 0.0)
+    np.testing.assert_array_equal(np.asarray(db), 0.0)
+
+
+@pytest.mark.parametrize("shape", [(200, 64, 96), (300, 128, 32)])
+def test_threads_give_bit_identical_results(monkeypatch, shape):
+    """Every output is a sum in an order set by the shapes alone (dW in chunks of rows, whichever thread
+    owns them), so the thread count changes nothing."""
+    x, w, b, dy = inputs(*shape, seed=5)
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("JAXSEQ_NATIVE_THREADS", threads)  # read by the kernel at each call
+        results.append([np.asarray(a) for a in _with_grads(x, w, b, dy, gelu=True)])
+    for a, c in zip(*results):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_errors_name_the_fix():
+    x, w, b, _ = inputs(8, 32, 48)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        native_dense(x, w, b)
+    with pytest.raises(ValueError, match=r"x \[M, K\] and kernel \[K, N\]"):
+        native_dense(x, w.T, b)
+    with pytest.raises(ConfigError, match="activation must be one of"):
+        Dense(32, activation="relu").init(jax.random.key(0), x)
+
+
+def test_dense_module_routes_to_native_with_flax_parameters():
+    """`Dense` has nn.Dense's parameters (names, shapes, initial values), runs the kernel on eligible
+    calls and agrees with XLA's matmul on ineligible ones."""
+    x = jnp.asarray(np.random.RandomState(0).randn(2, NATIVE_MIN_ROWS // 2, 64), jnp.float32)  # 128 rows once flattened
+    ours, flax_dense = Dense(96, activation="gelu_tanh"), nn.Dense(96)
+    params = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_dense.init(jax.random.key(1), x))
+    np.testing.assert_array_equal(params["params"]["kernel"], flax_dense.init(jax.random.key(1), x)["params"]["kernel"])
+    assert dense_eligible(x.reshape(-1, 64), params["params"]["kernel"])
+    hlo = jax.jit(ours.apply).lower(params, x).as_text()
+    assert "jaxseq_dense_fwd" in hlo
+    want = jax.nn.gelu(flax_dense.apply(params, x), approximate=True)
+    np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(want), **TOL)
+    # Ineligible: fewer rows than NATIVE_MIN_ROWS (a decoding step), bfloat16, a width that is no multiple of 32
+    assert "jaxseq_dense" not in jax.jit(ours.apply).lower(params, x[:, :3]).as_text()
+    bf = Dense(96, dtype=jnp.bfloat16)
+    assert "jaxseq_dense" not in jax.jit(bf.apply).lower(params, x).as_text()
+    odd = Dense(65)
+    odd_params = odd.init(jax.random.key(2), x)
+    assert "jaxseq_dense" not in jax.jit(odd.apply).lower(odd_params, x).as_text()
+    np.testing.assert_allclose(np.asarray(odd.apply(odd_params, x)), np.asarray(nn.Dense(65).apply(odd_params, x)), **TOL)
+
+
+_FAULTS = """
+import resource, sys
+import jax, jax.numpy as jnp
+from jaxseq.malloc import keep_freed_memory
+applied = keep_freed_memory()
+# A step with a 64 MB temporary, as a training step has: more than a worker thread's malloc arena holds.
+f = jax.jit(lambda x: (jnp.tanh(x @ x.T) @ x).sum(0) + jnp.sin(x * 3.0).sum(0))
+x = jnp.ones((4096, 512), jnp.float32)
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(f(x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, min(faults[3:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_page_faults_between_steps():
+    """With glibc's defaults each step maps its large buffers afresh and faults every page in again;
+    with keep_freed_memory() the steps reuse the heap (jaxseq/malloc.py)."""
+    runs = {}
+    for mode in ("system", "jaxseq"):
+        env = dict(os.environ, JAXSEQ_MALLOC=mode)
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+        applied, faults = out.stdout.split()
+        runs[mode] = (applied == "True", int(faults))
+    assert runs["system"][0] is False and runs["jaxseq"][0] is True
+    assert runs["system"][1] > 1000, runs  # 25 MB of fresh pages or more, every step
+    assert runs["jaxseq"][1] < 100, runs
