@@ -140,6 +140,11 @@ def matmul_flops(hlo_text: str) -> dict[str, tuple[float, str]]:
     return found
 
 
+def custom_call_targets(hlo_text: str) -> dict[str, str]:
+    """{op name: custom-call target} for the custom calls (the native kernels' FFI calls)."""
+    return dict(re.findall(r"^\s*%([\w.\-]+) = [^\n]*? custom-call\([^\n]*?custom_call_target=\"([\w.\-]+)\"", hlo_text, re.M))
+
+
 # ------------------------------------------------------------------------------------------ trace
 
 
@@ -156,8 +161,13 @@ def trace_events(fn, fn_args, steps: int) -> list[dict]:
     return [e for e in events if e.get("ph") == "X"]
 
 
-def summarize(events: list[dict], flops: dict, top: int) -> dict:
-    """Tables for the last traced execution of the program."""
+def summarize(events: list[dict], flops: dict, top: int, targets: dict | None = None) -> dict:
+    """Tables for the last traced execution of the program; a custom call is grouped by its target."""
+    targets = targets or {}
+
+    def group_of(name):
+        return targets.get(name) or re.sub(r"\.\d+$", "", name)
+
     runs = sorted((e for e in events if e["name"] == "ThunkExecutor::Execute (wait for completion)"), key=lambda e: e["ts"])
     if not runs:
         raise RuntimeError("no XLA execution in the trace: is this a CPU backend with the thunk runtime?")
@@ -175,7 +185,7 @@ def summarize(events: list[dict], flops: dict, top: int) -> dict:
     by_shape = collections.defaultdict(lambda: [0.0, 0.0, 0])
     for e in leaf:
         busy[e["tid"]] += e["dur"] / 1e3
-        group = re.sub(r"\.\d+$", "", e["name"])
+        group = group_of(e["name"])
         by_op[group][0] += e["dur"] / 1e3
         by_op[group][1] += 1
         if e["name"] in flops:
@@ -188,7 +198,7 @@ def summarize(events: list[dict], flops: dict, top: int) -> dict:
             row[2] += 1
     bins = collections.defaultdict(collections.Counter)  # 20 slices of the step: which ops ran in each
     for e in leaf:
-        bins[min(19, int(20 * (e["ts"] - t0) / (t1 - t0)))][re.sub(r"\.\d+$", "", e["name"])] += e["dur"] / 1e3
+        bins[min(19, int(20 * (e["ts"] - t0) / (t1 - t0)))][group_of(e["name"])] += e["dur"] / 1e3
     return {
         "wall_ms": round(wall_ms, 2),
         "busy_ms_per_thread": sorted((round(v, 1) for v in busy.values()), reverse=True),
@@ -274,7 +284,7 @@ def main(argv=None):
     # Minor page faults of that step: fresh pages of buffers mapped anew on every call (benchmarks/README.md,
     # RNN attempts 20-21); they show up as slow first ops in the timeline.
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    rep = summarize(trace_events(fn, fn_args, args.steps), matmul_flops(hlo), args.top)
+    rep = summarize(trace_events(fn, fn_args, args.steps), matmul_flops(hlo), args.top, custom_call_targets(hlo))
     rep.update(case=args.case, title=title, untraced_step_ms=round(untraced_ms, 1), page_faults=faults,
                backend=jax.default_backend())  # fmt: skip
     print_report(rep, f"{title} ({jax.devices()[0].device_kind}; one untraced step: {untraced_ms:.1f} ms, "

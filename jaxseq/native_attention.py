@@ -25,7 +25,7 @@ def native_eligible(q, k, v) -> bool:
     """Static conditions for the native kernel: the CPU backend with one device (a sharded program keeps
     the XLA path, which XLA can partition), float32 q, k, v, head_dim a multiple of 32, and the kernels
     built."""
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    if not native.on_single_cpu():
         return False
     if any(x.dtype != jnp.float32 or x.ndim != 4 for x in (q, k, v)):
         return False

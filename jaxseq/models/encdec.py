@@ -34,7 +34,7 @@ from jaxseq.models.transformer import (
     gpt_init,
     mask_positions,
 )
-from jaxseq.native_dense import Dense
+from jaxseq.native_layers import Dense, LayerNorm
 
 
 class CrossAttention(nn.Module):
@@ -79,7 +79,7 @@ class DecoderBlock(Block):
             raise ConfigError("a DecoderBlock's self-attention is causal; leave causal=True.")
         super().setup()
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.ln_cross = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.ln_cross = LayerNorm(epsilon=self.layer_norm_eps, **kw)
         self.cross = CrossAttention(
             self.d_model, self.num_heads, self.num_kv_heads, self.out_init_scale, self.implementation, **kw
         )
@@ -150,10 +150,10 @@ class TransformerSeq2Seq(nn.Module):
         self.encoder = [
             Block(causal=False, out_init_scale=(2 * self.num_layers) ** -0.5, **common) for _ in range(self.num_layers)
         ]
-        self.enc_ln = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.enc_ln = LayerNorm(epsilon=self.layer_norm_eps, **kw)
         # Three residual branches per decoder layer.
         self.decoder = [DecoderBlock(out_init_scale=(3 * n_dec) ** -0.5, **common) for _ in range(n_dec)]
-        self.dec_ln = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.dec_ln = LayerNorm(epsilon=self.layer_norm_eps, **kw)
         if not self.tie_embeddings:
             self.lm_head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=gpt_init, **kw)
         self.drop = nn.Dropout(self.dropout)

@@ -31,7 +31,7 @@ import numpy as np
 from jaxseq.attention import KVCache, apply_rope, attention, check_cache_room, sinusoidal_positions
 from jaxseq.checks import check_mask, check_tokens, is_concrete
 from jaxseq.errors import ConfigError, ShapeError
-from jaxseq.native_dense import Dense
+from jaxseq.native_layers import Dense, LayerNorm
 
 POSITIONAL = ("learned", "sinusoidal", "rope")
 gpt_init = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
@@ -141,12 +141,12 @@ class Block(nn.Module):
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.ln_1 = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.ln_1 = LayerNorm(epsilon=self.layer_norm_eps, **kw)
         self.attn = SelfAttention(
             self.d_model, self.num_heads, self.num_kv_heads, causal=self.causal, rope=self.rope,
             rope_base=self.rope_base, out_init_scale=self.out_init_scale, implementation=self.implementation, **kw,
         )
-        self.ln_2 = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.ln_2 = LayerNorm(epsilon=self.layer_norm_eps, **kw)
         self.mlp = MLP(self.d_model, self.d_ff, self.gelu_approximate, self.out_init_scale, **kw)
         self.drop = nn.Dropout(self.dropout)
 
@@ -264,7 +264,7 @@ class TransformerLM(nn.Module):
             )
             for _ in range(self.num_layers)
         ]
-        self.ln_f = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.ln_f = LayerNorm(epsilon=self.layer_norm_eps, **kw)
         if not self.tie_embeddings:
             self.lm_head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=gpt_init, **kw)
         self.drop = nn.Dropout(self.dropout)

@@ -1,10 +1,10 @@
 """jaxseq's native CPU kernels: C++ compiled on first use, loaded and registered as XLA FFI targets.
 
 `rnn_cpu.cc` holds the LSTM's and the GRU's recurrent loops, `attention_cpu.cc` FlashAttention-2's
-forward and backward, `dense_cpu.cc` dense layers with their bias and GELU fused in, all for x86-64
-CPUs with AVX-512 and built from the tiles and threads of `kernels.h` (see each file's header for why
-and what it computes; `jaxseq.native_lstm`, `jaxseq.native_gru`, `jaxseq.native_attention` and
-`jaxseq.native_dense` call them). They are compiled into one library the
+forward and backward, `dense_cpu.cc` dense layers with their bias and GELU fused in, `layernorm_cpu.cc`
+LayerNorm, all for x86-64 CPUs with AVX-512 and built from the tiles and threads of `kernels.h` (see
+each file's header for why and what it computes; `jaxseq.native_lstm`, `jaxseq.native_gru`,
+`jaxseq.native_attention` and `jaxseq.native_layers` call them). They are compiled into one library the
 first time a process asks for it, with the C++ compiler in `$CXX` (default `g++`) against the XLA FFI
 headers that jaxlib ships, into a cache folder (`$JAXSEQ_CACHE_DIR`, default `~/.cache/jaxseq`) under
 a name that hashes the sources, the flags and the jaxlib version, so later processes load it in
@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "rnn_cpu.cc", HERE / "attention_cpu.cc", HERE / "dense_cpu.cc"]
-HEADERS = [HERE / "kernels.h"]
+SOURCES = [HERE / "rnn_cpu.cc", HERE / "attention_cpu.cc", HERE / "dense_cpu.cc", HERE / "layernorm_cpu.cc"]
+HEADERS = [HERE / "kernels.h", HERE / "pool.h"]
 # Explicit ISA flags rather than -march=native: the library may be built on one machine of a cluster
 # and loaded on another; `_cpu_supported` checks these features before anything is loaded.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512dq", "-mfma", "-mavx2", "-pthread"]
@@ -41,6 +41,7 @@ TARGETS = {
     "jaxseq_attention_fwd": "JaxseqAttentionFwd", "jaxseq_attention_bwd": "JaxseqAttentionBwd",
     "jaxseq_dense_fwd": "JaxseqDenseFwd", "jaxseq_dense_fwd_train": "JaxseqDenseFwdTrain",
     "jaxseq_dense_bwd": "JaxseqDenseBwd",
+    "jaxseq_layernorm_fwd": "JaxseqLayerNormFwd", "jaxseq_layernorm_bwd": "JaxseqLayerNormBwd",
 }
 _REASON: list[str] = []
 # The FFI targets' prefix, read when a call is traced (benchmarks/native_ab.py registers a variant build
@@ -118,6 +119,12 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"jaxseq: native kernels unavailable, using the XLA path ({_REASON[-1][:300]})", stacklevel=3)
         return None
     return lib
+
+
+def on_single_cpu() -> bool:
+    """Whether a program runs on the CPU backend with one device: where the kernels apply (a sharded
+    program keeps XLA's ops, which XLA can partition)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def available() -> bool:

@@ -12,11 +12,12 @@
 //     (pre = x W + b, the GELU's input, kept for the backward; with gelu false it is never read)
 //   jaxseq_dense_bwd: x, w, pre, dy [M, N]; attribute gelu -> dx [M, K], dw [K, N], db [N]
 //
-// K and N must be multiples of 32 (the tile's width); M is any. Each call runs on the process's cores:
-//   forward:  pack W into 32-column panels, then each thread computes its rows of y;
-//   backward: pack W^T the same way; each thread forms its rows of g = dy * GELU'(pre) (or g = dy) and
-//             computes its rows of dx = g W^T; then, after one barrier, dW = x^T g over chunks of kChunk
-//             rows, split between the threads along dW's longer side, with db summed while g is packed.
+// K and N must be multiples of 32 (the tile's width); M is any. Each call runs in phases of independent
+// units on XLA's CPU threads (pool.h):
+//   forward:  pack W into 32-column panels; then blocks of kRowBlock rows of y;
+//   backward: pack W^T the same way; then blocks of rows of g = dy * GELU'(pre) (or g = dy) and of
+//             dx = g W^T; then dW = x^T g over chunks of kChunk rows, in as many parts of dW's longer
+//             side as there are threads, with db summed while g is packed.
 // Every output element is a sum in an order fixed by the shapes alone, so results are bit-identical
 // whatever the number of threads.
 
@@ -24,6 +25,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -70,19 +72,13 @@ struct Shape {
   int64_t M, K, N;
 };
 
-// Threads for one call: no more than there are 8-row strips of x, nor than one per ~2 MFLOP of work
-// (spawning a thread costs ~50 us).
-int threads_for(const Shape& s) {
-  const int64_t by_rows = (s.M + kMR - 1) / kMR, by_work = std::max<int64_t>(1, s.M * s.K * s.N / (1 << 20));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({max_threads(), by_rows, by_work})));
+// [first, last) of n items for part t of nt.
+inline void split(int64_t n, int64_t t, int64_t nt, int64_t* first, int64_t* last) {
+  *first = n * t / nt;
+  *last = n * (t + 1) / nt;
 }
 
-// [first, last) of n items for thread t of nt, in whole multiples of `unit` (the last takes the rest).
-inline void split(int64_t n, int64_t unit, int t, int nt, int64_t* first, int64_t* last) {
-  const int64_t units = (n + unit - 1) / unit;
-  *first = std::min(n, units * t / nt * unit);
-  *last = std::min(n, units * (t + 1) / nt * unit);
-}
+inline int64_t row_blocks(int64_t M) { return (M + kRowBlock - 1) / kRowBlock; }
 
 // Panels [p0, p1) of B (rows x cols, element (r, c) at src[r * ld + c], or at src[c * ld + r] when
 // transposed) into dst[p][r][kPanel].
@@ -100,29 +96,28 @@ void pack_panels(const float* src, int64_t ld, bool transposed, int64_t rows, in
   }
 }
 
-// C[m0:m1, :] = A[m0:m1, :] Bp (+ bias), A [M, Kc] row-major, Bp the packed [Kc, Nc]; `after(m, rows,
-// c)` runs on each finished 8 x 32 block at column c (the GELU, while the block is in L1).
+// C[mb:me, :] = A[mb:me, :] Bp (+ bias) for row block `block` (kRowBlock rows), A [M, Kc] row-major, Bp
+// the packed [Kc, Nc]; `after(m, rows, c)` runs on each finished 8 x 32 block at column c (the GELU,
+// while the block is in L1).
 template <typename After>
-void rows_times_panels(const float* A, int64_t Kc, const float* Bp, int64_t Nc, const float* bias, float* C,
-                       int64_t m0, int64_t m1, After after) {
+void block_times_panels(const float* A, int64_t M, int64_t Kc, const float* Bp, int64_t Nc, const float* bias,
+                        float* C, int64_t block, After after) {
   const Seg none{nullptr, 0, nullptr, 0, 0};
-  for (int64_t mb = m0; mb < m1; mb += kRowBlock) {
-    const int64_t me = std::min(m1, mb + kRowBlock);
-    for (int64_t p = 0; p < Nc / kPanel; ++p) {
-      const float* panel = Bp + p * Kc * kPanel;
-      const int64_t c = p * kPanel;
-      const __m512 b0 = bias ? _mm512_loadu_ps(bias + c) : _mm512_setzero_ps();
-      const __m512 b1 = bias ? _mm512_loadu_ps(bias + c + 16) : _mm512_setzero_ps();
-      for (int64_t m = mb; m < me; m += kMR) {
-        float* out = C + m * Nc + c;
-        auto store = [&](int r, __m512 a0, __m512 a1) {
-          _mm512_storeu_ps(out + r * Nc, _mm512_add_ps(a0, b0));
-          _mm512_storeu_ps(out + r * Nc + 16, _mm512_add_ps(a1, b1));
-        };
-        const int rows = static_cast<int>(std::min<int64_t>(kMR, me - m));
-        tile_rows(rows, Seg{A + m * Kc, Kc, panel, kPanel, Kc}, none, store);
-        after(m, rows, c);
-      }
+  const int64_t mb = block * kRowBlock, me = std::min(M, mb + kRowBlock);
+  for (int64_t p = 0; p < Nc / kPanel; ++p) {
+    const float* panel = Bp + p * Kc * kPanel;
+    const int64_t c = p * kPanel;
+    const __m512 b0 = bias ? _mm512_loadu_ps(bias + c) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_loadu_ps(bias + c + 16) : _mm512_setzero_ps();
+    for (int64_t m = mb; m < me; m += kMR) {
+      float* out = C + m * Nc + c;
+      auto store = [&](int r, __m512 a0, __m512 a1) {
+        _mm512_storeu_ps(out + r * Nc, _mm512_add_ps(a0, b0));
+        _mm512_storeu_ps(out + r * Nc + 16, _mm512_add_ps(a1, b1));
+      };
+      const int rows = static_cast<int>(std::min<int64_t>(kMR, me - m));
+      tile_rows(rows, Seg{A + m * Kc, Kc, panel, kPanel, Kc}, none, store);
+      after(m, rows, c);
     }
   }
 }
@@ -138,20 +133,15 @@ float* scratch(int64_t floats) {
   return buffer.data();
 }
 
-void forward(const Shape& s, const float* x, const float* w, const float* b, bool gelu, float* y, float* pre) {
+void forward(xla::ffi::ThreadPool& pool, const Shape& s, const float* x, const float* w, const float* b, bool gelu,
+             float* y, float* pre) {
   if (s.M == 0) return;
   float* wp = scratch(s.K * s.N);
   // Without a separate `pre`, y holds x W + b first and the GELU overwrites it in place.
   float* lin = (gelu && pre) ? pre : y;
-  const int nt = threads_for(s);
-  Barrier packed(nt);
-  run_threads(nt, [&](int t) {
-    int64_t p0, p1, m0, m1;
-    split(s.N / kPanel, 1, t, nt, &p0, &p1);
-    pack_panels(w, s.N, false, s.K, p0, p1, wp);
-    packed.wait();
-    split(s.M, kMR, t, nt, &m0, &m1);
-    rows_times_panels(x, s.K, wp, s.N, b, lin, m0, m1, [&](int64_t m, int rows, int64_t c) {
+  parallel_for(pool, s.N / kPanel, [&](int64_t p) { pack_panels(w, s.N, false, s.K, p, p + 1, wp); });
+  parallel_for(pool, row_blocks(s.M), [&](int64_t block) {
+    block_times_panels(x, s.M, s.K, wp, s.N, b, lin, block, [&](int64_t m, int rows, int64_t c) {
       if (!gelu) return;
       for (int r = 0; r < rows; ++r)
         for (int64_t j = 0; j < kPanel; j += 16) {
@@ -202,35 +192,31 @@ void weight_grad(const Shape& s, const float* x, const float* g, int64_t s0, int
   }
 }
 
-void backward(const Shape& s, const float* x, const float* w, const float* pre, const float* dy, bool gelu, float* dx,
-              float* dw, float* db) {
+void backward(xla::ffi::ThreadPool& pool, const Shape& s, const float* x, const float* w, const float* pre,
+              const float* dy, bool gelu, float* dx, float* dw, float* db) {
   if (s.M == 0) {
     std::fill(dw, dw + s.K * s.N, 0.0f);
     std::fill(db, db + s.N, 0.0f);
     return;
   }
-  const int nt = threads_for(s);
-  // dW's threads split its longer side (8-row strips of K, or 32-column panels of N) and each packs the
+  // dW's parts split its longer side (8-row strips of K, or 32-column panels of N) and each packs the
   // whole of the other operand's chunk, which is then the smaller copy.
   const bool split_k = s.K > s.N;
+  const int64_t nt = std::min<int64_t>(max_threads(), split_k ? s.K / kMR : s.N / kPanel);
   const int64_t pack_floats = kChunk * (split_k ? (s.K / nt + kMR) + s.N : s.K + (s.N / nt + kPanel));
   float* wtp = scratch(s.K * s.N + (gelu ? s.M * s.N : 0) + nt * pack_floats);
   float* g = gelu ? wtp + s.K * s.N : const_cast<float*>(dy);
   float* packs = wtp + s.K * s.N + (gelu ? s.M * s.N : 0);
-  Barrier barrier(nt);
-  run_threads(nt, [&](int t) {
-    int64_t p0, p1, m0, m1;
-    split(s.K / kPanel, 1, t, nt, &p0, &p1);
-    pack_panels(w, s.N, true, s.N, p0, p1, wtp);  // W^T [N, K] in panels of K's columns
-    split(s.M, kMR, t, nt, &m0, &m1);
+  parallel_for(pool, s.K / kPanel, [&](int64_t p) { pack_panels(w, s.N, true, s.N, p, p + 1, wtp); });  // W^T [N, K]
+  parallel_for(pool, row_blocks(s.M), [&](int64_t block) {
     if (gelu)
-      for (int64_t i = m0 * s.N; i < m1 * s.N; i += 16)
+      for (int64_t i = block * kRowBlock * s.N; i < std::min(s.M, (block + 1) * kRowBlock) * s.N; i += 16)
         _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_loadu_ps(dy + i), gelu_grad_ps(_mm512_loadu_ps(pre + i))));
-    barrier.wait();  // W^T packed by all
-    rows_times_panels(g, s.N, wtp, s.K, nullptr, dx, m0, m1, [](int64_t, int, int64_t) {});
-    barrier.wait();  // all of g written
+    block_times_panels(g, s.M, s.N, wtp, s.K, nullptr, dx, block, [](int64_t, int, int64_t) {});
+  });
+  parallel_for(pool, nt, [&](int64_t t) {
     int64_t s0 = 0, s1 = s.K / kMR, q0 = 0, q1 = s.N / kPanel;
-    if (split_k) split(s.K / kMR, 1, t, nt, &s0, &s1); else split(s.N / kPanel, 1, t, nt, &q0, &q1);
+    if (split_k) split(s.K / kMR, t, nt, &s0, &s1); else split(s.N / kPanel, t, nt, &q0, &q1);
     float* xs = packs + t * pack_floats;
     weight_grad(s, x, g, s0, s1, q0, q1, !split_k || t == 0, xs, xs + kChunk * (s1 - s0) * kMR, dw, db);
   });
@@ -246,28 +232,28 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>&
   return ffi::Error::Success();
 }
 
-ffi::Error DenseFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b, bool gelu,
+ffi::Error DenseFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b, bool gelu,
                         ffi::ResultBuffer<ffi::F32> y) {
   Shape s;
   if (auto e = shape_of(x, w, &s); e.failure()) return e;
-  forward(s, x.typed_data(), w.typed_data(), b.typed_data(), gelu, y->typed_data(), nullptr);
+  forward(pool, s, x.typed_data(), w.typed_data(), b.typed_data(), gelu, y->typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
-ffi::Error DenseFwdTrainImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b, bool gelu,
+ffi::Error DenseFwdTrainImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b, bool gelu,
                              ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> pre) {
   Shape s;
   if (auto e = shape_of(x, w, &s); e.failure()) return e;
-  forward(s, x.typed_data(), w.typed_data(), b.typed_data(), gelu, y->typed_data(), pre->typed_data());
+  forward(pool, s, x.typed_data(), w.typed_data(), b.typed_data(), gelu, y->typed_data(), pre->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error DenseBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> pre,
+ffi::Error DenseBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> pre,
                         ffi::Buffer<ffi::F32> dy, bool gelu, ffi::ResultBuffer<ffi::F32> dx,
                         ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db) {
   Shape s;
   if (auto e = shape_of(x, w, &s); e.failure()) return e;
-  backward(s, x.typed_data(), w.typed_data(), pre.typed_data(), dy.typed_data(), gelu, dx->typed_data(),
+  backward(pool, s, x.typed_data(), w.typed_data(), pre.typed_data(), dy.typed_data(), gelu, dx->typed_data(),
            dw->typed_data(), db->typed_data());
   return ffi::Error::Success();
 }
@@ -278,12 +264,13 @@ using F32 = ffi::Buffer<ffi::F32>;
 using Out = ffi::ResultBuffer<ffi::F32>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqDenseFwd, DenseFwdImpl,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Attr<bool>("gelu").Ret<F32>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Attr<bool>("gelu").Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqDenseFwdTrain, DenseFwdTrainImpl,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Attr<bool>("gelu").Ret<F32>().Ret<F32>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Attr<bool>("gelu").Ret<F32>().Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqDenseBwd, DenseBwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Attr<bool>("gelu")
                                   .Ret<F32>().Ret<F32>().Ret<F32>());
