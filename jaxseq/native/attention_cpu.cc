@@ -8,7 +8,7 @@
 // register-tiled matmuls whose epilogues hold the softmax, over operands packed once per head, in the
 // caller's [B, T, H, d] layout, and the threads split the work with no barrier at all: the forward's
 // (batch, head, query block) triples, the backward's (batch, kv head) pairs, cut into key-block
-// chunks when there are few of them.
+// chunks when there are few of them. The threads are XLA's own (pool.h).
 //
 //   jaxseq_attention_fwd: q [B, T, H, d], k, v [B, S, Hkv, d] (H % Hkv == 0), kvalid [B, S] (pred),
 //     offset [B] (s32); attributes causal (bool), scale (f32)
@@ -30,6 +30,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -189,7 +190,7 @@ struct Forward : Inputs {
   float *out, *lse;
 };
 
-void forward(const Dims& d, const Forward& a) {
+void forward(ffi::ThreadPool& pool, const Dims& d, const Forward& a) {
   const int64_t G = d.H / d.Hkv, D = d.d, nq = d.nq();
   // Units are (batch row, head, query block): u = (b * H + h) * nq + i, so that one head of one row
   // (B = 1 at inference) still keeps every core busy.
@@ -197,7 +198,7 @@ void forward(const Dims& d, const Forward& a) {
     const int64_t b = u / (d.H * nq), i = u % nq;
     return 1 + key_blocks_seen(d, a.causal, a.offset[b], std::min(d.T, (i + 1) * kBlock) - 1);
   });
-  run_threads(static_cast<int>(bounds.size()) - 1, [&](int tid) {
+  parallel_for(pool, static_cast<int64_t>(bounds.size()) - 1, [&](int64_t tid) {
     PackedKV kv(d, false);
     std::vector<float> qc(kBlock * D), s(kBlock * kBlock), o(kBlock * D), m(kBlock), l(kBlock), alpha(kBlock);
     for (int64_t u = bounds[tid]; u < bounds[tid + 1]; ++u) {
@@ -288,7 +289,7 @@ struct Backward : Inputs {
 //   dV_j += P^T dO_i, dK_j += dS^T (scale Q_i), dQ_i += dS K_j  (dQ = scale dS K at the end).
 // The products with P^T and dS^T read their A operand transposed (tile<.., true>), so no operand of
 // a query head is ever transposed; K^T and V^T are packed once per key/value head.
-void backward(const Dims& d, const Backward& a) {
+void backward(ffi::ThreadPool& pool, const Dims& d, const Backward& a) {
   const int64_t G = d.H / d.Hkv, D = d.d, nk = d.nk(), Tp = d.nq() * kBlock, Sp = nk * kBlock;
   // Units are (batch row, kv head, key-block chunk). With fewer than kMinUnits (batch, kv head) pairs,
   // each pair's key blocks are cut into chunks of equal cost, every chunk writes its own dK, dV rows
@@ -315,7 +316,7 @@ void backward(const Dims& d, const Backward& a) {
   };
   const auto bounds = balanced_ranges(units, max_threads(), unit_cost);
   std::vector<float> dq_parts(chunks > 1 ? chunks * part_floats : 0);  // [unit][g][t][d]
-  run_threads(static_cast<int>(bounds.size()) - 1, [&](int tid) {
+  parallel_for(pool, static_cast<int64_t>(bounds.size()) - 1, [&](int64_t tid) {
     PackedKV kv(d, true);
     std::vector<float> qs(Tp * D), dor(Tp * D), dq(Tp * D), lse(Tp), delta(Tp);
     std::vector<float> dk(Sp * D), dv(Sp * D), pb(kBlock * kBlock), dsb(kBlock * kBlock);
@@ -427,17 +428,17 @@ void backward(const Dims& d, const Backward& a) {
       }
 }
 
-ffi::Error AttentionFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::PRED> kvalid, ffi::Buffer<ffi::S32> offset, bool causal, float scale,
                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Dims d;
   if (auto e = dims(q, k, v, kvalid, offset, &d); e.failure()) return e;
   const Inputs in{q.typed_data(), k.typed_data(), v.typed_data(), kvalid.typed_data(), offset.typed_data(), causal, scale};
-  forward(d, Forward{in, out->typed_data(), lse->typed_data()});
+  forward(pool, d, Forward{in, out->typed_data(), lse->typed_data()});
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::PRED> kvalid, ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> out,
                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, bool causal, float scale,
                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
@@ -445,7 +446,7 @@ ffi::Error AttentionBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
   Dims d;
   if (auto e = dims(q, k, v, kvalid, offset, &d); e.failure()) return e;
   const Inputs in{q.typed_data(), k.typed_data(), v.typed_data(), kvalid.typed_data(), offset.typed_data(), causal, scale};
-  backward(d, Backward{in, out.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
+  backward(pool, d, Backward{in, out.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
                        dv->typed_data()});
   return ffi::Error::Success();
 }
@@ -459,12 +460,14 @@ using Out = ffi::ResultBuffer<ffi::F32>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqAttentionFwd, AttentionFwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<S32>()
                                   .Attr<bool>("causal").Attr<float>("scale")
                                   .Ret<F32>().Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqAttentionBwd, AttentionBwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<Pred>().Arg<S32>().Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Attr<bool>("causal").Attr<float>("scale")
                                   .Ret<F32>().Ret<F32>().Ret<F32>());
