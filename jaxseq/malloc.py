@@ -6,7 +6,7 @@ time and returned to the OS when freed, so every page is faulted in and zeroed a
 the GPT train step of benchmarks/gpt_step.py (d 256, context 256, batch 16) that was ~71k page faults,
 ~280 MB, ~100 ms of a ~790 ms step (benchmarks/README.md, GPT attempt 14). With one arena, a 1 GB
 mmap threshold and a 2 GB trim threshold, the heap keeps what a step frees and the next step reuses it:
-no faults at all after the first steps.
+no faults after the first few steps (glibc still maps a buffer afresh now and then).
 
 The price: the process holds on to its peak heap (up to 2 GB of free memory) rather than giving it back
 between steps, which a training run reaches on every step anyway. The setting is process-wide and only
