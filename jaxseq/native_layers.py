@@ -12,7 +12,9 @@ gradients included (tests/test_native_layers.py).
 parameters, "kernel" [K, N] and "bias" [N], "scale" and "bias" [D], and initialisers; `Dense` adds an
 optional fused activation). They run the native kernels when eligible (a single-device CPU, float32, the
 sizes above, at least NATIVE_MIN_ROWS rows once the leading axes are flattened) and XLA otherwise, with
-the same numbers to float32 rounding. The Transformers' layers use them.
+the same numbers to float32 rounding. The Transformers' layers use them. Like the native attention
+kernel, the native path differentiates in reverse mode only (custom VJPs): forward-mode AD (`jax.jvp`,
+`jax.hessian`) through a Transformer on CPU needs `JAXSEQ_NATIVE=0`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ y, dx, dscale, dbias; the `Dense` and `LayerNorm` modules' routing; and the mall
 step reuse its buffers (jaxseq/malloc.py)."""
 
 import functools
+import importlib
 import math
 import os
 import subprocess
@@ -190,6 +191,42 @@ def test_layer_norm_module_matches_flax_and_routes_to_native():
         native_layer_norm(jnp.ones((4, 20)), jnp.ones(20), jnp.zeros(20))
 
 
+def test_transformer_gradients_match_the_xla_path(monkeypatch):
+    """A whole TransformerLM (dense, LayerNorm and attention kernels, padding mask) gives the loss and
+    the gradients of XLA's ops, to float32 precision."""
+    attention_module = importlib.import_module("jaxseq.attention")  # (jaxseq.attention is also a function)
+    import jaxseq.native_layers as layers
+    from jaxseq.losses import token_nll
+    from jaxseq.models.transformer import TransformerLM
+
+    B, T, V = 4, 65, 50  # inputs of 64 tokens, 256 rows: every kernel is eligible
+    r = np.random.RandomState(9)
+    tokens = jnp.asarray(r.randint(0, V, (B, T)), jnp.int32)
+    mask = jnp.asarray(np.arange(T)[None, :] < np.array([[65], [40], [64], [17]]))
+    kw = dict(vocab_size=V, d_model=64, num_heads=2, num_layers=2, d_ff=256, max_len=T)
+
+    def loss_and_grads(model):
+        params = model.init(jax.random.key(0), tokens)["params"]
+
+        def loss(p):
+            logits = model.apply({"params": p}, tokens[:, :-1], mask=mask[:, :-1])
+            total, count = token_nll(logits, tokens[:, 1:], mask[:, 1:])
+            return total / count
+
+        step = jax.jit(jax.value_and_grad(loss))
+        return step.lower(params).as_text(), step(params)
+
+    hlo, (native_loss, native_grads) = loss_and_grads(TransformerLM(**kw))
+    assert all(t in hlo for t in ("jaxseq_dense_bwd", "jaxseq_layernorm_bwd", "jaxseq_attention_bwd"))
+    monkeypatch.setattr(layers, "NATIVE_MIN_ROWS", 10**9)
+    monkeypatch.setattr(attention_module, "NATIVE_MIN_LEN", 10**9)  # 64 < FLASH_MIN_LEN: XLA's attention
+    hlo, (xla_loss, xla_grads) = loss_and_grads(TransformerLM(**kw))
+    assert "jaxseq_" not in hlo
+    np.testing.assert_allclose(float(native_loss), float(xla_loss), rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(native_grads), jax.tree.leaves(xla_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 _FAULTS = """
 import resource
 import jax, jax.numpy as jnp, numpy as np, optax
@@ -219,11 +256,16 @@ print(applied, " ".join(map(str, faults[5:])))
 def test_keep_freed_memory_stops_page_faults_between_steps():
     """A Transformer train step, with glibc's defaults, maps ~40 MB of buffers afresh on every step and
     faults each page in again; with keep_freed_memory() the steps reuse the heap (jaxseq/malloc.py)."""
+    procs = {  # side by side: page faults are counted per process
+        mode: subprocess.Popen([sys.executable, "-c", _FAULTS], env=dict(os.environ, JAXSEQ_MALLOC=mode),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for mode in ("system", "jaxseq")
+    }
     runs = {}
-    for mode in ("system", "jaxseq"):
-        env = dict(os.environ, JAXSEQ_MALLOC=mode)
-        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
-        applied, *faults = out.stdout.split()
+    for mode, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        applied, *faults = out.split()
         runs[mode] = (applied == "True", sorted(map(int, faults)))
     assert runs["system"][0] is False and runs["jaxseq"][0] is True
     assert runs["system"][1][0] > 5000, runs  # every step: 20 MB of fresh pages or more
