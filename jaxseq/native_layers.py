@@ -49,16 +49,23 @@ def dense_eligible(x, kernel) -> bool:
     return M >= NATIVE_MIN_ROWS and K % 32 == 0 and kernel.shape[1] % 32 == 0 and native.available()
 
 
+def _dense_call(x, kernel, bias, gelu, keep_pre):
+    """y, or (y, pre) with keep_pre: the GELU's input, which only its backward needs."""
+    shape = native.f32(x.shape[0], kernel.shape[1])
+    if keep_pre:
+        return native.call("jaxseq_dense_fwd_train", (shape, shape), x, kernel, bias, gelu=gelu)
+    return native.call("jaxseq_dense_fwd", shape, x, kernel, bias, gelu=gelu)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dense(x, kernel, bias, gelu):
-    return native.call("jaxseq_dense_fwd", native.f32(x.shape[0], kernel.shape[1]), x, kernel, bias, gelu=gelu)
+    return _dense_call(x, kernel, bias, gelu, keep_pre=False)
 
 
 def _dense_fwd(x, kernel, bias, gelu):
-    shape = native.f32(x.shape[0], kernel.shape[1])
     if not gelu:
-        return _dense(x, kernel, bias, gelu), (x, kernel, None)
-    y, pre = native.call("jaxseq_dense_fwd_train", (shape, shape), x, kernel, bias, gelu=gelu)
+        return _dense_call(x, kernel, bias, gelu, keep_pre=False), (x, kernel, None)
+    y, pre = _dense_call(x, kernel, bias, gelu, keep_pre=True)
     return y, (x, kernel, pre)
 
 

@@ -85,10 +85,15 @@ def test_threads_give_bit_identical_results(monkeypatch, shape):
     a fixed order, so the thread count changes nothing."""
     B, T, H, Hkv = shape
     q, k, v, g = inputs(B, T, T, H, Hkv, 32, seed=2)
+    assert_thread_count_changes_nothing(monkeypatch, lambda: native_and_grads(q, k, v, g, causal=True))
+
+
+def assert_thread_count_changes_nothing(monkeypatch, run):
+    """run() -> arrays, called with the native kernels on 1 and on 3 threads: the results must be bit-identical."""
     results = []
     for threads in ("1", "3"):
-        monkeypatch.setenv("JAXSEQ_NATIVE_THREADS", threads)  # read by the kernel at each call
-        results.append([np.asarray(x) for x in native_and_grads(q, k, v, g, causal=True)])
+        monkeypatch.setenv("JAXSEQ_NATIVE_THREADS", threads)  # read by the kernels at each call
+        results.append([np.asarray(x) for x in run()])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 

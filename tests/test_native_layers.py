@@ -28,6 +28,7 @@ from jaxseq.native_layers import (
     native_dense,
     native_layer_norm,
 )
+from test_native_attention import assert_thread_count_changes_nothing
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}")
 
@@ -93,12 +94,7 @@ def test_threads_give_bit_identical_results(monkeypatch, shape):
     """Every output is a sum in an order set by the shapes alone (dW in chunks of rows, whichever thread
     owns them), so the thread count changes nothing."""
     x, w, b, dy = inputs(*shape, seed=5)
-    results = []
-    for threads in ("1", "3"):
-        monkeypatch.setenv("JAXSEQ_NATIVE_THREADS", threads)  # read by the kernel at each call
-        results.append([np.asarray(a) for a in _with_grads(x, w, b, dy, gelu=True)])
-    for a, c in zip(*results):
-        np.testing.assert_array_equal(a, c)
+    assert_thread_count_changes_nothing(monkeypatch, lambda: _with_grads(x, w, b, dy, gelu=True))
 
 
 def test_errors_name_the_fix():
@@ -167,12 +163,7 @@ def test_layer_norm_threads_give_bit_identical_results(monkeypatch):
     r = np.random.RandomState(6)
     x, dy = r.randn(1000, 64).astype(np.float32), r.randn(1000, 64).astype(np.float32)
     scale, bias = r.randn(64).astype(np.float32), r.randn(64).astype(np.float32)
-    results = []
-    for threads in ("1", "3"):
-        monkeypatch.setenv("JAXSEQ_NATIVE_THREADS", threads)
-        results.append([np.asarray(a) for a in _layer_norm_with_grads(x, scale, bias, dy, eps=1e-5)])
-    for a, c in zip(*results):
-        np.testing.assert_array_equal(a, c)
+    assert_thread_count_changes_nothing(monkeypatch, lambda: _layer_norm_with_grads(x, scale, bias, dy, eps=1e-5))
 
 
 def test_layer_norm_module_matches_flax_and_routes_to_native():
