@@ -1,10 +1,7 @@
 """Checkpoints: Orbax's CheckpointManager over the TrainState, plus JSON metadata, checked on restore.
 
-A run directory holds everything `jaxseq sample RUN_DIR` / `jaxseq eval RUN_DIR` need:
+The checkpoints of a run directory (the other files are `jaxseq.run`'s):
 
-    RUN_DIR/config.json            the resolved TrainConfig (written at every start)
-    RUN_DIR/tokenizer.json         the tokenizer (written once)
-    RUN_DIR/metrics.jsonl          train and validation lines
     RUN_DIR/checkpoints/<step>/    state: the TrainState pytree (Orbax, async, keep-N, atomic commit)
                                    meta:  {"step", "data_position", "config", "architecture", "architecture_hash",
                                            "fingerprints": {leaf path: 16 hex digits}, "fingerprint_method"}
@@ -143,15 +140,19 @@ class CheckpointManager:
     config: the run's TrainConfig (written into every step's metadata; restores are checked against it;
             None skips the architecture check).
     read_only: never write, rename or delete anything (for sampling/evaluating a run that may be training).
+    info: more JSON metadata written with every step (the loop saves the implementations its kernels
+    chose, so a resume can tell when they differ).
     """
 
-    def __init__(self, run_dir, *, keep: int = 3, config: TrainConfig | None, read_only: bool = False):
+    def __init__(self, run_dir, *, keep: int = 3, config: TrainConfig | None, read_only: bool = False,
+                 info: dict | None = None):
         if keep < 1:
             raise CheckpointError(f"keep must be >= 1 checkpoints, got {keep}.")
         self.run_dir = Path(run_dir).absolute()
         self.directory = self.run_dir / "checkpoints"
         self.config = config
         self.read_only = read_only
+        self.info = dict(info or {})
         self.last_save_blocking_s = None  # seconds the newest `save` call blocked its caller
         self._in_flight = None  # the step whose async save has not been waited for yet
         if not read_only:
@@ -199,6 +200,7 @@ class CheckpointManager:
             "architecture": architecture(self.config),
             "architecture_hash": architecture_hash(self.config),
             "saved_at": time.time(),
+            **self.info,
             "fingerprint_method": fp.METHOD,
             "fingerprints": later if _LAZY_META else fp.fingerprints(state),
         }
@@ -354,39 +356,6 @@ class CheckpointManager:
                 f"checkpoint step {step} was trained with another dtype setting: "
                 + "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs)
                 + ". Resuming with it; the continuation will differ from the original run's.", stacklevel=3)
-
-
-def load_run(run_dir):
-    """Everything to sample from or evaluate a trained run: (config, tokenizer, params).
-
-    `jaxseq.train.model_variables(model, params)` turns params into what `model.apply` takes:
-    {"params": params}, or params itself for count-based models (their whole variables dict). Reads RUN_DIR/config.json and RUN_DIR/tokenizer.json, builds the model, and restores the newest
-    good checkpoint's params (checked against the model's freshly initialised shapes). Read-only.
-    """
-    from jaxseq.data import CharTokenizer
-    from jaxseq.models import build_model
-    from jaxseq.train import TrainState, is_count_model, make_optimizer
-
-    run_dir = Path(run_dir)
-    for name in ("config.json", "tokenizer.json"):
-        if not (run_dir / name).is_file():
-            raise CheckpointError(f"{run_dir / name} is missing; is {run_dir} a run directory written by `jaxseq train`?")
-    config = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
-    tokenizer = CharTokenizer.load(run_dir / "tokenizer.json")
-    model = build_model(config, tokenizer.vocab_size)
-    tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), np.int32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
-    counted = is_count_model(model)
-    if counted:  # the whole variables dict, no optimizer state; table sizes depend on the data
-        params, opt_state = variables, ()
-    else:
-        params = variables["params"]
-        opt_state = jax.eval_shape(make_optimizer(config.optim, config.steps).init, params)
-    scalar = jax.ShapeDtypeStruct((), np.int32)
-    template = TrainState(step=scalar, params=params, opt_state=opt_state, nonfinite_count=scalar)
-    with CheckpointManager(run_dir, config=config, read_only=True) as ckpt:
-        state, _ = ckpt.restore(template, shapes_from_checkpoint=counted)
-    return config, tokenizer, state.params
 
 
 # -- pure helpers -------------------------------------------------------------------------------------

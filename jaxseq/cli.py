@@ -1,21 +1,27 @@
 """The `jaxseq` command: train, sample, eval.
 
-    jaxseq train --model lstm --rnn.d-hidden 512 --data.source notes.txt --run-dir runs/lstm
+    jaxseq train --model lstm --rnn.d-hidden 512 --char-lm.source notes.txt --run-dir runs/lstm
     jaxseq train --run-dir runs/lstm --resume          # continue exactly where it stopped
+    jaxseq train --task mnist1d --model gru --run-dir runs/mnist1d
     jaxseq sample runs/lstm --prompt "The " --max-new-tokens 300 --temperature 0.8
     jaxseq eval runs/lstm
+
+An expected error (bad input, a missing file, a mismatched checkpoint) prints one line,
+`jaxseq: error: ...`, and exits with status 2; `--debug` (or JAXSEQ_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 
 import tyro
 
 from jaxseq.config import TrainConfig
+from jaxseq.errors import ConfigError, JaxseqError
 from jaxseq.malloc import keep_freed_memory
 
 
@@ -51,7 +57,7 @@ class EvalArgs:
     run_dir: tyro.conf.Positional[str]
     """The run directory `jaxseq train` wrote."""
     source: str | None = None
-    """Evaluate on the validation split of this text instead (as --data.source); None: the run's own."""
+    """Evaluate on the validation split of this text instead (as --char-lm.source); None: the run's own."""
     max_batches: int = 0
     """Validation batches to evaluate; 0: the whole validation split."""
 
@@ -59,7 +65,7 @@ class EvalArgs:
 def train_command(config: TrainConfig) -> dict:
     from jaxseq.train import train
 
-    summary = train(config)
+    summary = train(None, None, config)
     print(json.dumps({"summary": summary}))
     return summary
 
@@ -70,28 +76,27 @@ def sample_command(args: SampleArgs) -> list[str]:
     import numpy as np
 
     from jaxseq import decoding
-    from jaxseq.checkpoint import load_run
-    from jaxseq.models import build_model
+    from jaxseq.run import load_run
+    from jaxseq.tasks.char_lm import CharLM
 
-    config, tokenizer, params = load_run(args.run_dir)
-    from jaxseq.train import model_variables
-
-    model = build_model(config, tokenizer.vocab_size)
-    variables = model_variables(model, params)  # {"params": params}, or a count model's whole variables
+    run = load_run(args.run_dir)
+    if not isinstance(run.task, CharLM):
+        raise ConfigError(f"jaxseq sample generates text from a --task char_lm run; {args.run_dir} is a "
+                          f"--task {run.config.task} run (use jaxseq eval).")
+    tokenizer = run.task.prepare_tokenizer(args.run_dir)
     prompt_ids = tokenizer.encode(args.prompt)
     if len(prompt_ids) == 0:
-        raise SystemExit("--prompt must hold at least one character (the default is a newline).")
+        raise ConfigError("--prompt must hold at least one character (the default is a newline).")
     prompt = jnp.asarray(np.tile(prompt_ids[None, :], (args.num_samples, 1)), jnp.int32)
     if args.beam > 0:
-        seqs, scores = decoding.beam_search(model, variables, prompt, beam_size=args.beam,
+        seqs, scores = decoding.beam_search(run.model, run.variables, prompt, beam_size=args.beam,
                                             max_new_tokens=args.max_new_tokens)
         rows = [np.asarray(seqs[i, 0]) for i in range(seqs.shape[0])]
     else:
-        out = decoding.sample(model, variables, prompt, max_new_tokens=args.max_new_tokens,
+        out = decoding.sample(run.model, run.variables, prompt, max_new_tokens=args.max_new_tokens,
                               key=jax.random.key(args.seed), temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p)
-        tokens = out.tokens if hasattr(out, "tokens") else out
-        rows = [np.asarray(tokens[i]) for i in range(tokens.shape[0])]
+        rows = [np.asarray(out.tokens[i]) for i in range(out.tokens.shape[0])]
     texts = [tokenizer.decode(r) for r in rows]
     for i, text in enumerate(texts):
         if len(texts) > 1:
@@ -101,19 +106,18 @@ def sample_command(args: SampleArgs) -> list[str]:
 
 
 def eval_command(args: EvalArgs) -> dict:
-    from jaxseq.checkpoint import load_run
-    from jaxseq.data import eval_batches, prepare_data
-    from jaxseq.models import build_model
-    from jaxseq.train import evaluate, make_eval_step
+    from jaxseq.run import load_run
+    from jaxseq.tasks.char_lm import CharLM
 
-    config, tokenizer, params = load_run(args.run_dir)
-    data_config = config.data if args.source is None else dataclasses.replace(config.data, source=args.source)
-    data = prepare_data(data_config, tokenizer=tokenizer)
-    max_batches = args.max_batches or sys.maxsize
-    batches = eval_batches(data.val_ids, batch_size=data_config.batch_size, seq_len=data_config.seq_len,
-                           max_batches=max_batches)
-    model = build_model(config, tokenizer.vocab_size)
-    result = evaluate(make_eval_step(model), params, batches)
+    run = load_run(args.run_dir)
+    task = run.task
+    if args.source is not None:
+        if not isinstance(task, CharLM):
+            raise ConfigError(f"--source replaces a char_lm run's text; {args.run_dir} is a --task {run.config.task} run.")
+        task = dataclasses.replace(task, source=args.source)
+    data = task.prepare(args.run_dir)
+    kwargs = {"max_batches": args.max_batches} if args.max_batches else {}
+    result = task.evaluate(run.model, run.variables, data, **kwargs)
     print(json.dumps(result))
     return result
 
@@ -124,20 +128,28 @@ def main(argv: list[str] | None = None):
         "sample": sample_command,
         "eval": eval_command,
     }
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("JAXSEQ_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
     if not args or args[0] not in commands:
         names = ", ".join(commands)
-        print(f"usage: jaxseq {{{names}}} [--help]\n{__doc__}", file=sys.stderr)
+        print(f"usage: jaxseq {{{names}}} [--help] [--debug]\n{__doc__}", file=sys.stderr)
         raise SystemExit(2 if args and args[0] not in ("-h", "--help") else 0)
     command, rest = args[0], args[1:]
-    fn = commands[command]
     keep_freed_memory()  # before JAX's first computation (jaxseq/malloc.py)
     if command == "train":
         parsed = tyro.cli(TrainConfig, args=rest, prog="jaxseq train", description=TrainConfig.__doc__)
     else:
         cls = SampleArgs if command == "sample" else EvalArgs
         parsed = tyro.cli(cls, args=rest, prog=f"jaxseq {command}", description=cls.__doc__)
-    fn(parsed)
+    try:
+        commands[command](parsed)
+    except JaxseqError as e:
+        if debug:
+            raise
+        # One line: the message names the argument and the fix; --debug shows where it came from.
+        print(f"jaxseq: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Typed, frozen configuration. The `jaxseq` command parses these with tyro.
 
-`jaxseq train --model lstm --rnn.d-hidden 512 --data.source path/to/text.txt`
-Each model family has its own section (`--rnn.*`, `--ngram.*`, `--additive.*`,
-`--transformer.*`); only the section of the chosen `--model` is used, and only
-that section counts when a resumed run is checked against its checkpoint.
+`jaxseq train --model lstm --rnn.d-hidden 512 --char-lm.source path/to/text.txt`
+`jaxseq train --task mnist1d --model gru --mnist1d.shuffle`
+Each task has its own section (the task dataclass itself: `--char-lm.*`, `--mnist1d.*`) and each model
+family its own (`--rnn.*`, `--ngram.*`, `--additive.*`, `--transformer.*`); only the sections of the
+chosen `--task` and `--model` are used, and only the model's section (with the task, the model name and
+`--kernels`) counts when a resumed run is checked against its checkpoint.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from jaxseq.models import MODELS
+from jaxseq.tasks import TASKS
+from jaxseq.tasks.char_lm import CharLM
+from jaxseq.tasks.mnist1d import MNIST1D
+
 # Which library runs the matmuls of a jitted step on CPU (see jaxseq.xla_options).
 CpuDots = Literal["auto", "ynn", "xla"]
 
-MODEL_KINDS = ("ngram", "additive", "rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "lru")
-ModelKind = Literal["ngram", "additive", "rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "lru"]
+# The choices come from the model and task tables (one line each there).
+ModelKind = Literal[tuple(MODELS)]  # type: ignore[valid-type]
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+KernelPolicy = Literal["auto", "reference"]
 
 
 # Each field's description is the string right below it: tyro shows it in `jaxseq train --help`. (Comments
@@ -97,24 +106,6 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Where text comes from and how it is cut into batches."""
-
-    source: str = "stdlib"
-    """"stdlib" (built from Python's own docstrings, always present),
-    a local file or folder of .txt files,
-    or a Hugging Face hub dataset name (needs the hub cache or network)."""
-    text_column: str = "text"
-    """The column that holds the text, for a hub dataset."""
-    val_fraction: float = 0.1
-    """The last part of the text held out for validation, as a fraction."""
-    seq_len: int = 128
-    """Tokens per training sequence."""
-    batch_size: int = 32
-    """Sequences per step (the global batch, split over the mesh's data axis)."""
-
-
-@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay, gradient clipping by global norm."""
 
@@ -161,13 +152,20 @@ class DistributedConfig:
 class TrainConfig:
     """One training run. The defaults train a character LSTM on the stdlib corpus in a few minutes on 2 cores."""
 
+    task: TaskName = "char_lm"
+    """What to learn; its section (--char-lm.*, --mnist1d.*) sets its data and batches."""
     model: ModelKind = "lstm"
     """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*) sets its size."""
+    kernels: KernelPolicy = "auto"
+    """Which implementations run the recurrences and attention: "auto" (the fastest eligible one on this
+    machine, see jaxseq.kernels) or "reference" (lax.scan of each cell's step; XLA's dense attention).
+    Saved with the run; a resume must use the same."""
     rnn: RNNConfig = field(default_factory=RNNConfig)
     ngram: NGramConfig = field(default_factory=NGramConfig)
     additive: AdditiveConfig = field(default_factory=AdditiveConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    char_lm: CharLM = field(default_factory=CharLM)
+    mnist1d: MNIST1D = field(default_factory=MNIST1D)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
@@ -204,12 +202,13 @@ class TrainConfig:
 
 
 def model_section(config: TrainConfig):
-    """The config section that defines the chosen model's architecture."""
-    return {
-        "ngram": config.ngram,
-        "additive": config.additive,
-        "transformer": config.transformer,
-    }.get(config.model, config.rnn)
+    """The config section that defines the chosen model's architecture (from the model table)."""
+    return getattr(config, MODELS[config.model].section)
+
+
+def task_section(config: TrainConfig):
+    """The chosen task: its dataclass is its config section."""
+    return getattr(config, config.task)
 
 
 def to_dict(config) -> dict:
@@ -233,8 +232,9 @@ def from_dict(cls, d: dict):
 
 
 def architecture(config: TrainConfig) -> dict:
-    """What must match for a checkpoint to be restored into this config."""
-    return {"model": config.model, config.model if config.model in ("ngram", "additive", "transformer") else "rnn": to_dict(model_section(config))}
+    """What must match for a checkpoint to be restored into this config: task, model, its section, kernels."""
+    return {"task": config.task, "model": config.model, "kernels": config.kernels,
+            MODELS[config.model].section: to_dict(model_section(config))}
 
 
 def architecture_hash(config: TrainConfig) -> str:

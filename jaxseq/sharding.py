@@ -91,20 +91,21 @@ def state_shardings(mesh: Mesh, tree):
     return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(np.shape(x), fsdp)), tree)
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh):
+def check_batch_divisible(batch_size: int, mesh: Mesh, *, flag: str = "batch_size"):
+    """flag: how the user sets the batch size (e.g. --char-lm.batch-size), named in the error."""
     n = mesh.size
     if batch_size % n:
         raise ConfigError(
-            f"--data.batch-size {batch_size} must be divisible by the {n} devices of the mesh "
+            f"{flag} {batch_size} must be divisible by the {n} devices of the mesh "
             f"(each device takes batch_size / {n} rows); use a multiple of {n}."
         )
 
 
-def process_rows(batch_size: int) -> slice:
+def process_rows(batch_size: int, *, flag: str = "batch_size") -> slice:
     """The rows of the global batch that this process feeds (contiguous, in process order)."""
     count = jax.process_count()
     if batch_size % count:
-        raise ConfigError(f"--data.batch-size {batch_size} must be divisible by the {count} processes.")
+        raise ConfigError(f"{flag} {batch_size} must be divisible by the {count} processes.")
     per = batch_size // count
     return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 

@@ -1,6 +1,6 @@
 """Data: corpora, the character tokenizer, and LM batches.
 
-    bundle = prepare_data(config.data)                    # text -> tokenizer -> train/val ids
+    bundle = prepare_data(config.char_lm)                 # text -> tokenizer -> train/val ids
     batch = lm_batch(bundle.train_ids, batch_size=32, seq_len=128, seed=0, index=step)
     validate_batch(batch, bundle.tokenizer.vocab_size)
 """
@@ -42,7 +42,7 @@ class DataBundle(NamedTuple):
 def prepare_data(data_config, tokenizer: CharTokenizer | None = None) -> DataBundle:
     """Load `data_config.source`, build (or reuse) the tokenizer, encode, and split.
 
-    data_config: a `jaxseq.config.DataConfig` (source, text_column, val_fraction, seq_len).
+    data_config: a `jaxseq.tasks.CharLM` (source, text_column, val_fraction, seq_len).
     tokenizer: the run's saved tokenizer when resuming; the corpus must then use only its characters.
     The vocabulary is built from the whole corpus (train and validation), so validation text never
     holds an unknown character.
@@ -58,7 +58,7 @@ def prepare_data(data_config, tokenizer: CharTokenizer | None = None) -> DataBun
             raise DataError(
                 f"data source {source!r} holds {len(unknown)} character(s) that the run's saved tokenizer "
                 f"(vocab_size={tokenizer.vocab_size}) does not know: {shown}. A resumed run must read the "
-                f"corpus it was trained on; check --data.source, or start a new run."
+                f"corpus it was trained on; check --char-lm.source, or start a new run."
             )
     ids = tokenizer.encode(text)
     train_ids, val_ids = split_ids(ids, data_config.val_fraction, data_config.seq_len)

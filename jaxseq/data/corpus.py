@@ -64,7 +64,7 @@ def load_text(source: str, text_column: str = "text") -> str:
         else:
             text = _load_hub(source, text_column)
     if not text.strip():
-        raise DataError(f"data source {source!r} holds no text (the corpus is empty); point --data.source at some text.")
+        raise DataError(f"data source {source!r} holds no text (the corpus is empty); point --char-lm.source at some text.")
     return text
 
 
@@ -177,7 +177,7 @@ def _load_local(path: Path, text_column: str) -> str:
     if rows and column not in rows[0]:
         raise DataError(
             f"data source {str(path)!r} has no column {column!r} (columns: {sorted(rows[0])}); "
-            f"pass --data.text-column with the column that holds the text."
+            f"pass --char-lm.text-column with the column that holds the text."
         )
     return _join([r[column] for r in rows], str(path), column)
 
@@ -207,7 +207,7 @@ def _load_hub(source: str, text_column: str) -> str:
     if text_column not in ds.column_names:
         raise DataError(
             f"hub dataset {source!r} has no column {text_column!r} (columns: {ds.column_names}); "
-            f"pass --data.text-column with the column that holds the text."
+            f"pass --char-lm.text-column with the column that holds the text."
         )
     return _join(ds[text_column], source, text_column)
 

@@ -1,41 +1,127 @@
-"""Model families, one file each, all under the model protocol (DESIGN.md)."""
+"""Model families, one file each, and the one table that names them (DESIGN.md, "Models").
+
+`MODELS[name]` says which TrainConfig section sizes the model, which task interfaces it serves, and
+how to build it for a task's `spec` (`Task.model_spec(data)`: {"interface": "lm", "vocab_size": V} or
+{"interface": "classifier", "num_classes": C, "d_input": D}). The CLI's `--model` choices, the
+checkpoint's architecture check and `build_model` all read this table, so a new cell needs its class
+and one line below.
+"""
 
 from __future__ import annotations
 
-from jaxseq.cells import make_cell
-from jaxseq.config import MODEL_KINDS, TrainConfig
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from jaxseq.errors import ConfigError
-from jaxseq.models.rnn_lm import RecurrentLM
 
-RECURRENT_KINDS = ("rnn", "lstm", "gru")
+LM, CLASSIFIER = "lm", "classifier"
 
 
-def build_model(config: TrainConfig, vocab_size: int):
-    """The linen module for `config.model` with `vocab_size` output classes."""
-    kind = config.model
-    if kind in RECURRENT_KINDS:
-        r = config.rnn
-        cell = make_cell(kind, r.d_embed, r.d_hidden, num_layers=r.num_layers, residual=r.residual,
-                         dropout=r.dropout, nonlinearity=r.nonlinearity)
-        return RecurrentLM(vocab_size=vocab_size, cell=cell, d_embed=r.d_embed, dropout=r.dropout)
-    if kind in ("mingru", "minlstm", "lru"):
-        from jaxseq.linear_cells import make_linear_cell
+@dataclass(frozen=True)
+class ModelEntry:
+    section: str  # the TrainConfig field holding the model's size: "rnn", "transformer", ...
+    serves: frozenset  # task interfaces it implements
+    build: Callable[[Any, dict, str], Any]  # (section config, task spec, kernels policy) -> linen module
 
-        # --rnn.residual also makes each layer the papers' pre-norm block (see make_linear_cell).
-        r = config.rnn
-        cell = make_linear_cell(kind, r.d_embed, r.d_hidden, num_layers=r.num_layers, residual=r.residual,
-                                dropout=r.dropout, block=r.residual)
-        return RecurrentLM(vocab_size=vocab_size, cell=cell, d_embed=r.d_embed, dropout=r.dropout)
-    if kind == "transformer":
-        from jaxseq.models.transformer import TransformerLM
 
-        return TransformerLM.from_config(config.transformer, vocab_size)
-    if kind == "ngram":
-        from jaxseq.models.ngram import NGramLM
+def _recurrent(make_layer):
+    """Builder of a recurrent LM or classifier whose layers are `make_layer(d_in, rnn_config)` cells."""
 
-        return NGramLM.from_config(config.ngram, vocab_size)
-    if kind == "additive":
-        from jaxseq.models.additive import AdditiveLM
+    def build(r, spec, kernels):
+        from jaxseq.cells import stack
 
-        return AdditiveLM.from_config(config.additive, vocab_size)
-    raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}.")
+        if r.num_layers < 1:
+            raise ConfigError(f"--rnn.num-layers must be >= 1, got {r.num_layers}.")
+        first = make_layer(r.d_embed, r)
+        layers = [first] + [make_layer(first.d_out, r) for _ in range(r.num_layers - 1)]
+        cell = layers[0] if len(layers) == 1 else stack(layers, residual=r.residual, dropout=r.dropout)
+        if spec["interface"] == CLASSIFIER:
+            from jaxseq.models.classifier import SequenceClassifier
+
+            return SequenceClassifier(num_classes=spec["num_classes"], cell=cell, d_embed=r.d_embed,
+                                      dropout=r.dropout, kernels=kernels)
+        from jaxseq.models.rnn_lm import RecurrentLM
+
+        return RecurrentLM(vocab_size=spec["vocab_size"], cell=cell, d_embed=r.d_embed, dropout=r.dropout,
+                           kernels=kernels)
+
+    return build
+
+
+def _linear(kind):
+    # --rnn.residual also makes each layer the papers' pre-norm block (see make_linear_cell).
+    def make_layer(d_in, r):
+        from jaxseq import linear_cells as L
+
+        block = r.residual
+        if kind == "lru":
+            return L.LRU(d_in, r.d_hidden, norm=block, glu=block)
+        return {"mingru": L.MinGRU, "minlstm": L.MinLSTM}[kind](d_in, r.d_hidden, norm=block)
+
+    return _recurrent(make_layer)
+
+
+def _elman(d_in, r):
+    from jaxseq.cells import Elman
+
+    return Elman(d_in, r.d_hidden, nonlinearity=r.nonlinearity)
+
+
+def _lstm(d_in, r):
+    from jaxseq.cells import LSTM
+
+    return LSTM(d_in, r.d_hidden)
+
+
+def _gru(d_in, r):
+    from jaxseq.cells import GRU
+
+    return GRU(d_in, r.d_hidden)
+
+
+def _transformer(t, spec, kernels):
+    from jaxseq.models.transformer import TransformerLM
+
+    return TransformerLM.from_config(t, spec["vocab_size"], kernels=kernels)
+
+
+def _ngram(n, spec, kernels):
+    from jaxseq.models.ngram import NGramLM
+
+    return NGramLM.from_config(n, spec["vocab_size"])
+
+
+def _additive(a, spec, kernels):
+    from jaxseq.models.additive import AdditiveLM
+
+    return AdditiveLM.from_config(a, spec["vocab_size"])
+
+
+SEQUENCE = frozenset({LM, CLASSIFIER})
+MODELS: dict[str, ModelEntry] = {
+    "ngram": ModelEntry("ngram", frozenset({LM}), _ngram),
+    "additive": ModelEntry("additive", frozenset({LM}), _additive),
+    "rnn": ModelEntry("rnn", SEQUENCE, _recurrent(_elman)),
+    "lstm": ModelEntry("rnn", SEQUENCE, _recurrent(_lstm)),
+    "gru": ModelEntry("rnn", SEQUENCE, _recurrent(_gru)),
+    "transformer": ModelEntry("transformer", frozenset({LM}), _transformer),
+    "mingru": ModelEntry("rnn", SEQUENCE, _linear("mingru")),
+    "minlstm": ModelEntry("rnn", SEQUENCE, _linear("minlstm")),
+    "lru": ModelEntry("rnn", SEQUENCE, _linear("lru")),
+}
+
+
+def build_model(config, spec: dict):
+    """The linen module for `config.model`, shaped for a task's `spec` (see the module docstring).
+
+    config: a `jaxseq.config.TrainConfig`; spec: `task.model_spec(data)`.
+    """
+    name = config.model
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+    entry = MODELS[name]
+    if spec["interface"] not in entry.serves:
+        fits = ", ".join(n for n, e in MODELS.items() if spec["interface"] in e.serves)
+        raise ConfigError(f"--model {name} does not serve the {spec['interface']} interface of --task "
+                          f"{config.task}; choose one of {fits}.")
+    return entry.build(getattr(config, entry.section), spec, config.kernels)
