@@ -14,9 +14,9 @@ What this adds over the raw op:
   * EXACT ZEROS (and zero, finite gradients) for a query that may attend to nothing. The raw op gives
     such a query a uniform softmax, i.e. the mean of the values: a silent wrong number;
   * shape checks that raise ShapeError naming the argument;
-  * implementation=None picks cuDNN's fused kernel on GPU when the inputs are eligible, on CPU a native
-    FlashAttention-2 kernel (or the blockwise JAX one) when the call is long enough, XLA elsewhere
-    (the raw op's None always means XLA today).
+  * one dispatch table (`jaxseq.kernels.dispatch.ATTENTION`) picks cuDNN's fused kernel on GPU when the
+    inputs are eligible, on CPU a native FlashAttention-2 kernel (or the blockwise JAX one) when the call
+    is long enough, the dense XLA path (the reference) elsewhere or under kernels="reference".
 """
 
 from __future__ import annotations
@@ -27,58 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseq.checks import is_concrete
+from jaxseq.checks import check_qkv, is_concrete
 from jaxseq.errors import ConfigError, ShapeError
+from jaxseq.kernels import dispatch
 
 _IMPLEMENTATIONS = (None, "xla", "cudnn", "flash", "native")
 
 
 def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
-
-
-def _check_qkv(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if len(_shape(x)) != 4:
-            raise ShapeError(f"{name} must have rank 4 [batch, time, heads, head_dim], got shape {_shape(x)}.")
-    (B, T, H, d), (Bk, S, Hkv, dk) = q.shape, k.shape
-    if k.shape != v.shape:
-        raise ShapeError(f"k and v must have the same shape [B, S, kv_heads, d], got k {k.shape} and v {v.shape}.")
-    if Bk != B:
-        raise ShapeError(f"q has batch {B} but k/v have batch {Bk}; they must match.")
-    if dk != d:
-        raise ShapeError(f"q has head_dim {d} but k/v have head_dim {dk}; project them to the same size.")
-    if H % Hkv != 0:
-        raise ShapeError(
-            f"q has {H} heads and k/v have {Hkv}; the number of query heads must be a multiple of the "
-            f"key/value heads (grouped-query attention). Choose num_kv_heads dividing num_heads."
-        )
-    if S == 0:
-        raise ShapeError("k/v have length 0: there is nothing to attend to; give at least one key.")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ShapeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first.")
-    return B, T, H, S
-
-
-def _key_validity(key_padding_mask, B: int, S: int):
-    """bool [B, S], True = valid key: the checked key-padding mask, or all True when None."""
-    if key_padding_mask is None:
-        return jnp.ones((B, S), bool)
-    if tuple(np.shape(key_padding_mask)) != (B, S):
-        raise ShapeError(
-            f"key_padding_mask must be bool [batch, keys] = {(B, S)}, got shape {tuple(np.shape(key_padding_mask))}."
-        )
-    return jnp.asarray(key_padding_mask).astype(bool)
-
-
-def _row_offsets(q_offset, B: int):
-    """int32 [B]: the checked query offset (an int, or an int array [] / [batch]) for each row."""
-    off = jnp.asarray(q_offset)
-    if off.ndim not in (0, 1) or (off.ndim == 1 and off.shape[0] != B):
-        raise ShapeError(f"q_offset must be an int, or an int array of shape [] or [batch] = [{B}], got {off.shape}.")
-    if not jnp.issubdtype(off.dtype, jnp.integer):
-        raise ShapeError(f"q_offset must hold integer positions, got dtype {off.dtype}.")
-    return jnp.broadcast_to(off.astype(jnp.int32), (B,))
 
 
 def _as_4d_mask(mask, B, T, H, S):
@@ -121,70 +78,6 @@ def causal_mask(q_len: int, k_len: int, q_offset=0):
     return (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B|1, 1, T, S]
 
 
-def _pick_implementation(q, implementation):
-    if implementation not in _IMPLEMENTATIONS:
-        raise ConfigError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}.")
-    if implementation is not None:
-        return [implementation]
-    # cuDNN's fused kernel takes only half precision; try it first on GPU and fall back to XLA
-    # when it rejects the shapes (head_dim, odd lengths with a bias, ...): it says so at trace time.
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        return ["cudnn", "xla"]
-    return ["xla"]
-
-
-# On CPU, jaxseq.flash_attention (blockwise, skips the causal masked half, own backward) beats the
-# dense XLA lowering, forward + backward, from this many queries and keys on when causal, and from twice
-# as many without the causal mask (measured, batch 8, 4 heads of 64, one core: causal 1.35x at 256 and
-# 2.2x at 512, non-causal 1.0x at 256 and 1.7x at 512, slower below 256; two cores at 256: causal 1.3x,
-# non-causal 0.9x). On GPU cuDNN stays the choice.
-FLASH_MIN_LEN = 256
-# The native kernel (jaxseq.native_attention) is taken on a single-device CPU from this many queries and
-# keys on (see NATIVE_MIN_LEN's measurement in benchmarks/README.md, attention attempt 17).
-NATIVE_MIN_LEN = 64
-
-
-def _maybe_blockwise(q, k, v, mask, causal, bias, q_offset, scale, implementation):
-    """Route to the native kernel or jaxseq.flash_attention when asked, or (auto) on CPU when the call
-    is one they can express (causal and/or key padding, no bias) and long enough to gain."""
-    if implementation not in (None, "flash", "native"):
-        return None
-    T, S = q.shape[1], k.shape[1]
-    expressible = bias is None and (mask is None or len(_shape(mask)) == 2)
-    from jaxseq.native_attention import native_attention, native_eligible
-
-    if implementation is None:
-        if jax.default_backend() != "cpu" or not expressible:
-            return None
-        if min(T, S) >= NATIVE_MIN_LEN and native_eligible(q, k, v):  # (eligibility builds the kernels)
-            implementation = "native"
-        elif min(T, S) >= (FLASH_MIN_LEN if causal else 2 * FLASH_MIN_LEN):
-            implementation = "flash"
-        else:
-            return None
-    elif not expressible:
-        raise ConfigError(
-            f"implementation={implementation!r} takes causal masking and a key-padding mask [batch, keys] only; "
-            "use implementation='xla' for a bias or a [B, T, S] / [B, H, T, S] mask."
-        )
-    elif implementation == "native" and not native_eligible(q, k, v):
-        from jaxseq import native
-
-        raise ConfigError(
-            "implementation='native' needs float32 q, k, v with head_dim a multiple of 32 on a single-device "
-            f"CPU backend, and the native kernels built ({native.unavailable_reason() or 'they are'}); "
-            "use implementation='flash' or 'xla'."
-        )
-    if mask is not None:
-        mask = _as_4d_mask(mask, q.shape[0], T, q.shape[2], S)[:, 0, 0, :]  # checks shape and dtype
-    kw = dict(causal=causal, key_padding_mask=mask, q_offset=q_offset, scale=scale)
-    if implementation == "native":
-        return native_attention(q, k, v, **kw)
-    from jaxseq.flash_attention import flash_attention
-
-    return flash_attention(q, k, v, **kw)
-
-
 def attention(
     q,
     k,
@@ -196,6 +89,7 @@ def attention(
     q_offset=0,
     scale: float | None = None,
     implementation: str | None = None,
+    kernels: str = "auto",
 ):
     """Scaled dot-product attention.
 
@@ -206,18 +100,19 @@ def attention(
       bias: float, broadcastable to [B, H, T, S], added to the logits (use `mask` for masking).
       q_offset: absolute position of query 0: int, or int array [B] (one per row). Only used if causal.
       scale: logit scale, default 1/sqrt(d).
-      implementation: None (auto: cuDNN on GPU when eligible; on a single-device CPU the native kernel
-        (jaxseq.native_attention: float32, head_dim a multiple of 32) from NATIVE_MIN_LEN queries and
-        keys, else "flash" from FLASH_MIN_LEN (twice that if not causal), when the mask is causal
-        and/or key padding and there is no bias; else XLA), "xla", "cudnn", "flash"
-        (jaxseq.flash_attention: blockwise in JAX, no bias or full mask), or "native" (the CPU kernel,
-        the same masks as "flash").
+      implementation: None (the dispatch table `jaxseq.kernels.dispatch.ATTENTION` picks, see
+        `kernels`), or force one: "xla" (the dense reference), "cudnn", "flash" (blockwise in JAX,
+        causal and/or key padding only) or "native" (the CPU kernel, the same masks as "flash").
+      kernels: "auto" (the first eligible entry of the table: on a single-device CPU the native kernel
+        from NATIVE_MIN_LEN queries and keys, else flash from FLASH_MIN_LEN, for causal and/or
+        key-padding calls; cuDNN on GPU in half precision; else XLA) or "reference" (the dense XLA
+        path; then `implementation` may only be None or "xla").
 
     Returns:
       [B, T, H, d] in q's dtype. A query whose mask row is all False returns exact zeros, with zero
       (finite) gradients into q, k, v through that row.
     """
-    B, T, H, S = _check_qkv(q, k, v)
+    B, T, H, S = check_qkv(q, k, v)
     if bias is not None:
         try:
             ok = np.broadcast_shapes(_shape(bias), (B, H, T, S)) == (B, H, T, S) and len(_shape(bias)) <= 4
@@ -227,9 +122,35 @@ def attention(
             raise ShapeError(f"bias has shape {_shape(bias)}; it must broadcast to [batch, heads, queries, keys] = {(B, H, T, S)}.")
     if implementation not in _IMPLEMENTATIONS:
         raise ConfigError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}.")
-    blockwise = _maybe_blockwise(q, k, v, mask, causal, bias, q_offset, scale, implementation)
-    if blockwise is not None:
-        return blockwise
+    dispatch.check_policy(kernels)
+    call = dispatch.AttentionCall(q, k, v, mask, causal, bias)
+    if implementation is None:
+        entries = dispatch.candidates("attention", call, kernels)
+    elif kernels == "reference" and implementation != "xla":
+        raise ConfigError(f"kernels='reference' runs the dense XLA path; it contradicts implementation={implementation!r}. "
+                          "Drop one of the two.")
+    else:
+        entries = [dispatch.forced_attention(call, implementation)]
+    for i, entry in enumerate(entries):
+        try:
+            if entry.run is None:
+                out = _dense(q, k, v, mask, causal, bias, q_offset, scale, entry.name)
+            else:
+                kpm = None if mask is None else _as_4d_mask(mask, B, T, H, S)[:, 0, 0, :]  # checks shape and dtype
+                out = entry.run(q, k, v, causal=causal, key_padding_mask=kpm, q_offset=q_offset, scale=scale)
+        except (NotImplementedError, RuntimeError, ValueError):
+            # cuDNN rejects some shapes (head_dim, odd lengths with a bias, ...) at trace time: take the next entry.
+            if entry.name != "cudnn" or implementation is not None or i == len(entries) - 1:
+                raise
+            continue
+        dispatch.record("attention", entry.name)
+        return out
+
+
+def _dense(q, k, v, mask, causal, bias, q_offset, scale, implementation):
+    """The reference: `jax.nn.dot_product_attention` on XLA (or cuDNN) with jaxseq's masking semantics."""
+    B, T, H, _ = q.shape
+    S = k.shape[1]
     full = None
     if mask is not None:
         full = _as_4d_mask(mask, B, T, H, S)
@@ -254,16 +175,9 @@ def attention(
         valid = jnp.any(full, axis=-1, keepdims=True)  # [b, h, t, 1]
         full = full | ~valid
 
-    out = None
-    for impl in _pick_implementation(q, implementation):
-        try:
-            out = jax.nn.dot_product_attention(
-                q, k, v, bias=bias, mask=full, scale=scale, is_causal=use_is_causal, implementation=impl
-            )
-            break
-        except (NotImplementedError, RuntimeError, ValueError):
-            if impl == "xla" or implementation is not None:
-                raise
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=full, scale=scale, is_causal=use_is_causal, implementation=implementation
+    )
     if valid is not None:
         keep = jnp.transpose(valid, (0, 2, 1, 3))  # [b, t, h, 1], broadcast against [B, T, H, d]
         out = jnp.where(keep, out, jnp.zeros((), out.dtype))

@@ -95,12 +95,6 @@ class Elman(_GatedCell):
         h = jnp.tanh(z) if self.nonlinearity == "tanh" else jax.nn.relu(z)
         return h, h
 
-    def sequence_unroll(self, params, xs, mask, carry0, resets, unroll=1):
-        """Whole-sequence form used by `unroll`: same numbers as scanning `step`, faster backward pass."""
-        from jaxseq.fused_rnn import elman_sequence
-
-        return elman_sequence(params, xs, mask, carry0, resets, unroll, nonlinearity=self.nonlinearity)
-
 
 @dataclasses.dataclass(frozen=True)
 class LSTM(_GatedCell):
@@ -121,13 +115,6 @@ class LSTM(_GatedCell):
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return (h, c), h
 
-    def sequence_unroll(self, params, xs, mask, carry0, resets, unroll=1):
-        """Whole-sequence form used by `unroll`: same numbers as scanning `step`, faster backward pass
-        (jaxseq's fused recurrence; cuDNN's LSTM on GPU when it can express the call, `jaxseq.cudnn_lstm`)."""
-        from jaxseq.cudnn_lstm import lstm_sequence_dispatch
-
-        return lstm_sequence_dispatch(params, xs, mask, carry0, resets, unroll)
-
 
 @dataclasses.dataclass(frozen=True)
 class GRU(_GatedCell):
@@ -146,16 +133,6 @@ class GRU(_GatedCell):
         n = jnp.tanh(xn + r * hn)
         h = (1.0 - z) * n + z * h
         return h, h
-
-    def sequence_unroll(self, params, xs, mask, carry0, resets, unroll=1):
-        """Whole-sequence form used by `unroll`: same numbers as scanning `step`, faster backward pass
-        (jaxseq's fused recurrence, or its native CPU kernels when eligible, `jaxseq.native_gru`)."""
-        from jaxseq.fused_rnn import gru_sequence
-        from jaxseq.native_gru import gru_sequence_native, native_eligible
-
-        if native_eligible(params, xs):
-            return gru_sequence_native(params, xs, mask, carry0, resets)
-        return gru_sequence(params, xs, mask, carry0, resets, unroll)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,6 +64,55 @@ def check_mask(mask, shape: tuple[int, ...], *, name: str = "mask"):
     return jnp.asarray(mask).astype(bool)
 
 
+def _np_shape(x) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def check_qkv(q, k, v):
+    """Check attention inputs q [B, T, H, d], k, v [B, S, Hkv, d] (H % Hkv == 0, S > 0, one dtype); returns (B, T, H, S)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(_np_shape(x)) != 4:
+            raise ShapeError(f"{name} must have rank 4 [batch, time, heads, head_dim], got shape {_np_shape(x)}.")
+    (B, T, H, d), (Bk, S, Hkv, dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ShapeError(f"k and v must have the same shape [B, S, kv_heads, d], got k {k.shape} and v {v.shape}.")
+    if Bk != B:
+        raise ShapeError(f"q has batch {B} but k/v have batch {Bk}; they must match.")
+    if dk != d:
+        raise ShapeError(f"q has head_dim {d} but k/v have head_dim {dk}; project them to the same size.")
+    if H % Hkv != 0:
+        raise ShapeError(
+            f"q has {H} heads and k/v have {Hkv}; the number of query heads must be a multiple of the "
+            f"key/value heads (grouped-query attention). Choose num_kv_heads dividing num_heads."
+        )
+    if S == 0:
+        raise ShapeError("k/v have length 0: there is nothing to attend to; give at least one key.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ShapeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first.")
+    return B, T, H, S
+
+
+def key_validity(key_padding_mask, B: int, S: int):
+    """bool [B, S], True = valid key: the checked key-padding mask, or all True when None."""
+    if key_padding_mask is None:
+        return jnp.ones((B, S), bool)
+    if tuple(np.shape(key_padding_mask)) != (B, S):
+        raise ShapeError(
+            f"key_padding_mask must be bool [batch, keys] = {(B, S)}, got shape {tuple(np.shape(key_padding_mask))}."
+        )
+    return jnp.asarray(key_padding_mask).astype(bool)
+
+
+def row_offsets(q_offset, B: int):
+    """int32 [B]: the checked query offset (an int, or an int array [] / [batch]) for each row."""
+    off = jnp.asarray(q_offset)
+    if off.ndim not in (0, 1) or (off.ndim == 1 and off.shape[0] != B):
+        raise ShapeError(f"q_offset must be an int, or an int array of shape [] or [batch] = [{B}], got {off.shape}.")
+    if not jnp.issubdtype(off.dtype, jnp.integer):
+        raise ShapeError(f"q_offset must hold integer positions, got dtype {off.dtype}.")
+    return jnp.broadcast_to(off.astype(jnp.int32), (B,))
+
+
 def check_features(xs, d_in: int, *, name: str = "xs", ndim: int = 3):
     """Check a float feature array [..., d_in] of the expected rank."""
     if len(np.shape(xs)) != ndim:

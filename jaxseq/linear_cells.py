@@ -1,43 +1,15 @@
 """Linear recurrences that train with a parallel scan: minGRU, minLSTM, LRU.
 
 Each cell follows the Cell protocol of `jaxseq.cells` (frozen dataclass; `init`,
-`initial_carry`, `step`, `d_out`) and adds `sequence_unroll`, which `jaxseq.unroll`
-calls instead of a `lax.scan` of `step`. Its hidden state obeys a diagonal linear
-recurrence whose coefficients depend on the input only,
+`initial_carry`, `step`, `d_out`). Its hidden state obeys a diagonal linear recurrence
+whose coefficients depend on the input only,
 
     h_t = a_t * h_{t-1} + b_t,        a_t, b_t = f(x_t),
 
-so the whole sequence is one `jax.lax.associative_scan` over time with the operator
-(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2): O(log T) depth instead of T dependent steps.
-The depth is for accelerators (not yet measured on one). On the 2-core CPU
-(benchmarks/linear_scan.py: batch 8, hidden 256, T = 64..4096, a shared, noisy machine)
-a training step of the parallel form took 0.5x to 1.2x the time of the same cell's
-`lax.scan` of `step`, compiled 1.5x to 4.5x slower (7 to 21 s) and needed up to 1.6x
-the temporary memory; minGRU trained 2x to 3.5x faster than an LSTM of the same width
-(1.7x to 2.2x in the sequential form).
-
-Scan in linear space, not the log space of Feng et al. (2024). The paper's Heinsen scan
-computes log h_t = a*_t + logcumsumexp(log b - a*) with a*_t = cumsum log a, which
-(i) needs h_0 > 0 and b_t > 0 (hence g()), (ii) cannot express a reset (a = 0:
-log 0 = -inf, then -inf - -inf = nan), and (iii) loses precision as |a*_t| grows
-linearly with T. Measured on a random minGRU against a float64 loop, the float32
-log-space scan's largest relative error in h was 2.5e-5 at T = 256, 2.5e-4 at T = 2048
-and 1.1e-3 at T = 8192 (a*_t down to -7e3); this linear-space scan stayed at 3e-7 at
-every length. In linear space the combined coefficients are products of numbers in
-[0, 1] (|lambda| < 1 for the LRU): they only shrink, an underflow to 0 is exact
-forgetting, nothing overflows, and resets and masks are just a = 0 / a = 1. The gates
-themselves are computed in log space where that helps (minLSTM's f / (f + i) is a
-sigmoid of log f - log i). The parallel form matches `step` to float32 rounding
-(tests/test_linear_cells.py). `log_g` is kept for users of the paper's form.
-
-Masks, resets and the initial carry are folded into (a_t, b_t) before the scan, with
-the semantics of `jaxseq.scan._lax_scan_cell`:
-
-- masked step: the carry is held and y = 0, i.e. the step map is h -> h: a = 1, b = 0;
-- reset before step t: h_{t-1} := carry0, so the step map is h -> a_t carry0 + b_t:
-  a = 0, b = a_t carry0 + b_t (a_t, b_t after masking, so a reset on a masked step
-  leaves the carry at carry0, as in the reference);
-- the initial carry is a reset before step 0.
+and each cell exposes the pure pieces of that map (`coefficients` for minGRU/minLSTM;
+`eigenvalues`, `inputs` and `readout` for the LRU), from which
+`jaxseq.kernels.parallel_scan` runs the whole sequence as one associative scan when
+`jaxseq.unroll` picks it. `step` is the definition (and the generation form).
 
 Every cell takes `norm=True` to RMS-normalise its input (learned scale) before the
 projections: with `Stack(residual=True)` that gives the pre-norm residual blocks
@@ -55,76 +27,6 @@ import jax.numpy as jnp
 
 from jaxseq.cells import Params, stack
 from jaxseq.errors import ConfigError, ShapeError
-
-
-# --------------------------------------------------------------------------- scan
-
-
-def _combine(left, right):
-    """Compose two affine maps h -> a h + b (left first): (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)."""
-    a1, b1 = left
-    a2, b2 = right
-    return a1 * a2, a2 * b1 + b2
-
-
-def _scan_from_zero(a, b):
-    """h_t = a_t h_{t-1} + b_t from h_{-1} = 0 along axis 1; returns h [B, T, *S]."""
-    return jax.lax.associative_scan(_combine, (a, b), axis=1)[1]
-
-
-@jax.custom_vjp
-def affine_scan(a, b):
-    """`_scan_from_zero` with a hand-written backward pass that is itself one reverse scan.
-
-    The adjoint of h_t = a_t h_{t-1} + b_t is lam_t = g_t + a_{t+1} lam_{t+1} (g = dL/dh),
-    giving db_t = lam_t and da_t = lam_t h_{t-1} (JAX's transpose convention, no complex
-    conjugate). Why by hand: differentiating through `associative_scan` builds a graph
-    that compiled 2x slower (measured, CPU, [8, T, 256]: 8.7 s vs 4.4 s at T = 4096; 3.2 s
-    vs 2.4 s at T = 64) and keeps every level's intermediates alive, for the same run time.
-    Cost: forward-mode AD (jax.jvp, jax.hessian) does not go through a custom_vjp.
-    """
-    return _scan_from_zero(a, b)
-
-
-def _affine_scan_fwd(a, b):
-    h = _scan_from_zero(a, b)
-    return h, (a, h)
-
-
-def _affine_scan_bwd(res, g):
-    a, h = res
-    a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
-    lam = jnp.flip(_scan_from_zero(jnp.flip(a_next, 1), jnp.flip(g, 1)), 1)
-    h_prev = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
-    return lam * h_prev, lam
-
-
-affine_scan.defvjp(_affine_scan_fwd, _affine_scan_bwd)
-
-
-def linear_scan(a, b, mask, carry0, resets):
-    """All states of h_t = a_t h_{t-1} + b_t with unroll's masks and resets, in parallel.
-
-    a, b: [B, T, *S] (any dtype, complex allowed); mask, resets: bool [B, T];
-    carry0: [B, *S]. Returns (hs [B, T, *S] with hs[:, t] the carry after step t,
-    final carry [B, *S]). T must be >= 1.
-    """
-    expand = (slice(None), slice(None)) + (None,) * (a.ndim - 2)
-    m = mask[expand]
-    a = jnp.where(m, a, jnp.ones_like(a))
-    b = jnp.where(m, b, jnp.zeros_like(b))
-    # The initial carry enters as a reset before step 0.
-    r = resets.at[:, 0].set(True)[expand]
-    c0 = carry0[:, None]
-    b = jnp.where(r, a * c0 + b, b)
-    a = jnp.where(r, jnp.zeros_like(a), a)
-    hs = affine_scan(a, b)
-    return hs, hs[:, -1]
-
-
-def _empty(cell, xs, carry0):
-    """T = 0: no outputs, the initial carry unchanged."""
-    return jnp.zeros((*xs.shape[:2], cell.d_out), xs.dtype), carry0
 
 
 # --------------------------------------------------------------------------- shared parts
@@ -193,7 +95,7 @@ class _MinCell:
         return params
 
     def initial_carry(self, batch_shape=(), dtype=None):
-        # Zeros: the linear-space scan needs no positive h_0 (the log-space one would).
+        # Zeros: the linear-space scan (jaxseq.kernels.parallel_scan) needs no positive h_0 (the log-space one would).
         return jnp.zeros((*batch_shape, self.d_hidden), dtype or self.dtype)
 
     def _project(self, params, x):
@@ -211,14 +113,6 @@ class _MinCell:
         a, b = self.coefficients(params, x)
         h = a * h + b
         return h, h
-
-    def sequence_unroll(self, params, xs, mask, carry0, resets, unroll=1):
-        """Parallel form for `jaxseq.unroll`: xs [B, T, d_in] -> (ys [B, T, H], carry [B, H]). `unroll` is unused."""
-        if xs.shape[1] == 0:
-            return _empty(self, xs, carry0)
-        a, b = self.coefficients(params, xs)
-        hs, carry = linear_scan(a, b, mask, carry0, resets)
-        return jnp.where(mask[:, :, None], hs, 0.0), carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +233,7 @@ class LRU:
         """lambda [N] complex."""
         return jnp.exp(-jnp.exp(params["nu_log"]) + 1j * jnp.exp(params["theta_log"]))
 
-    def _inputs(self, params, x):
+    def inputs(self, params, x):
         """gamma * (B x) [..., N] complex, from x [..., d_in]."""
         if self.norm:
             x = _rms_norm(x, params["norm_scale"])
@@ -347,7 +241,7 @@ class LRU:
         bx = jax.lax.complex(_flat_matmul(x, params["B_re"]), _flat_matmul(x, params["B_im"]))
         return bx * gamma
 
-    def _output(self, params, h, x):
+    def readout(self, params, h, x):
         """Re(C h) + D x [..., d_in] (then the GLU) from h [..., N] complex and x [..., d_in]."""
         # Re((C_re + i C_im) h) = C_re Re h - C_im Im h; h @ C in our [N, d] layout.
         y = _flat_matmul(h.real, params["C_re"]) - _flat_matmul(h.imag, params["C_im"]) + params["D"] * x
@@ -361,18 +255,8 @@ class LRU:
         """carry (re, im) [*B, N], x [*B, d_in] -> (carry', y [*B, d_in])."""
         _check_input(self, x)
         h = jax.lax.complex(*carry)
-        h = self.eigenvalues(params) * h + self._inputs(params, x)
-        return (h.real, h.imag), self._output(params, h, x)
-
-    def sequence_unroll(self, params, xs, mask, carry0, resets, unroll=1):
-        """Parallel form for `jaxseq.unroll`: xs [B, T, d_in] -> (ys [B, T, d_in], carry (re, im) [B, N])."""
-        if xs.shape[1] == 0:
-            return _empty(self, xs, carry0)
-        b = self._inputs(params, xs)
-        a = jnp.broadcast_to(self.eigenvalues(params), b.shape)
-        hs, h = linear_scan(a, b, mask, jax.lax.complex(*carry0), resets)
-        ys = self._output(params, hs, xs)
-        return jnp.where(mask[:, :, None], ys, 0.0), (h.real, h.imag)
+        h = self.eigenvalues(params) * h + self.inputs(params, x)
+        return (h.real, h.imag), self.readout(params, h, x)
 
 
 LINEAR_CELLS = {"mingru": MinGRU, "minlstm": MinLSTM, "lru": LRU}

@@ -15,22 +15,25 @@ class Recurrent(nn.Module):
 
     `__call__(xs [B, T, d_in], mask=, carry=, resets=, reverse=, deterministic=)` -> (ys, carry);
     `step(carry, x [B, d_in])` -> (carry, y [B, d_out]). Dropout between stacked layers draws
-    from the "dropout" rng stream when `deterministic=False`.
+    from the "dropout" rng stream when `deterministic=False`. `kernels` is `unroll`'s policy
+    ("auto" | "reference").
     """
 
     cell: Any
+    kernels: str = "auto"
 
     def setup(self):
         self.cell_params = self.param("cell", lambda key: self.cell.init(key))
 
     def _params(self):
         # Flax freezes dicts kept on a module; cells get the plain dicts their `init` made (a custom_vjp,
-        # as in jaxseq.fused_rnn, needs its cotangents to have the primal's pytree types).
+        # as in jaxseq.kernels.fused_rnn, needs its cotangents to have the primal's pytree types).
         return unfreeze(self.cell_params)
 
     def __call__(self, xs, *, mask=None, carry=None, resets=None, reverse=False, deterministic=True):
         key = None if deterministic or getattr(self.cell, "dropout", 0.0) == 0.0 else self.make_rng("dropout")
-        return unroll(self.cell, self._params(), xs, mask=mask, carry=carry, resets=resets, reverse=reverse, key=key)
+        return unroll(self.cell, self._params(), xs, mask=mask, carry=carry, resets=resets, reverse=reverse, key=key,
+                      kernels=self.kernels)
 
     def initial_carry(self, batch_shape, dtype=None):
         return self.cell.initial_carry(batch_shape, dtype)

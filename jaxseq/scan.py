@@ -16,6 +16,10 @@ Semantics (shared by every model, so masking, resets and reversal mean one thing
 - `Stack` cells are unrolled layer by layer (same numbers as stepping the stack,
   bigger matmuls), which is where dropout between layers applies when a `key` is given.
 - `Bidirectional` cells run a forward and a reverse pass and concatenate.
+
+`reference_recurrence` (the `lax.scan` of `cell.step`) is the reference; each leaf cell's
+whole-sequence run is chosen from `jaxseq.kernels.dispatch.RECURRENCE` under the `kernels`
+policy, and every fast path there implements these semantics exactly (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 from jaxseq.cells import Bidirectional, Stack
 from jaxseq.checks import check_features, check_mask
 from jaxseq.errors import ShapeError
+from jaxseq.kernels import dispatch
 
 
 def _select(pred, on_true, on_false):
@@ -39,23 +44,26 @@ def _select(pred, on_true, on_false):
     return jax.tree.map(pick, on_true, on_false)
 
 
-def _scan_cell(cell, params, xs, mask, carry0, resets, unroll):
+def _scan_cell(cell, params, xs, mask, carry0, resets, unroll, kernels):
     """Forward pass of a single (non-stack) cell. xs [B, T, d]; mask, resets [B, T] bool.
 
-    A cell may supply its own whole-sequence form, `cell.sequence_unroll(params, xs, mask,
-    carry0, resets, unroll)`, with the same semantics: linear recurrences use it for a
-    parallel (associative) scan, and cells with a hand-written backward pass for speed.
+    The dispatch table (`jaxseq.kernels.dispatch.RECURRENCE`) may hold a faster whole-sequence form
+    of the same cell with the same semantics (a fused backward pass, cuDNN, a CPU kernel, a parallel
+    scan); the last entry, always eligible, is `reference_recurrence`.
     """
-    if hasattr(cell, "sequence_unroll"):
-        return cell.sequence_unroll(params, xs, mask, carry0, resets, unroll)
-    return _lax_scan_cell(cell, params, xs, mask, carry0, resets, unroll)
+    call = dispatch.RecurrenceCall(cell, params, xs, mask, resets)
+    entry = dispatch.candidates("recurrence", call, kernels)[0]
+    dispatch.record("recurrence", entry.name)
+    if entry.run is None:
+        return reference_recurrence(cell, params, xs, mask, carry0, resets, unroll)
+    return entry.run(cell, params, xs, mask, carry0, resets, unroll)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepOnly:
-    """`cell` seen only through the Cell protocol, without its `sequence_unroll`: `unroll(StepOnly(cell), ...)`
-    runs the reference `lax.scan` of `step`, the path every user-defined cell takes. Use it to check a
-    cell's fast whole-sequence form (fused, parallel scan) against its step-by-step definition."""
+    """`cell` seen only through the Cell protocol: the dispatch table knows concrete cell classes only, so
+    `unroll(StepOnly(cell), ...)` runs the reference `lax.scan` of `step`, the path every user-defined
+    cell takes. Use it to hold a cell's fast paths (fused, parallel scan) against its definition."""
 
     cell: Any
 
@@ -72,7 +80,7 @@ class StepOnly:
         return self.cell.step(params, carry, x)
 
 
-def _lax_scan_cell(cell, params, xs, mask, carry0, resets, unroll):
+def reference_recurrence(cell, params, xs, mask, carry0, resets, unroll=1):
     """The reference recurrence: `lax.scan` of `cell.step` with held carry and zero output on masked steps."""
     def body(carry, inputs):
         x, m, r = inputs
@@ -104,17 +112,17 @@ def _scatter_time(a, order):
     return _gather_time(a, inverse)
 
 
-def _run(cell, params, xs, mask, carry0, resets, reverse, unroll, key):
+def _run(cell, params, xs, mask, carry0, resets, reverse, unroll, key, kernels):
     if isinstance(cell, Bidirectional):
         cf, cb = carry0
         kf, kb = jax.random.split(key) if key is not None else (None, None)
-        yf, cf = _run(cell.forward, params["forward"], xs, mask, cf, resets, reverse, unroll, kf)
-        yb, cb = _run(cell.backward, params["backward"], xs, mask, cb, resets, not reverse, unroll, kb)
+        yf, cf = _run(cell.forward, params["forward"], xs, mask, cf, resets, reverse, unroll, kf, kernels)
+        yb, cb = _run(cell.backward, params["backward"], xs, mask, cb, resets, not reverse, unroll, kb, kernels)
         return jnp.concatenate([yf, yb], axis=-1), (cf, cb)
     if isinstance(cell, Stack):
         carries = []
         for i, (layer, c0) in enumerate(zip(cell.cells, carry0)):
-            ys, c = _run(layer, params[f"layer_{i}"], xs, mask, c0, resets, reverse, unroll, None)
+            ys, c = _run(layer, params[f"layer_{i}"], xs, mask, c0, resets, reverse, unroll, None, kernels)
             carries.append(c)
             ys = xs + ys if cell.uses_residual(i) else ys
             if key is not None and cell.dropout > 0 and i < len(cell.cells) - 1:
@@ -127,18 +135,22 @@ def _run(cell, params, xs, mask, carry0, resets, reverse, unroll, key):
         # In reverse time a segment restarts where the next forward step starts a new one.
         next_resets = jnp.concatenate([resets[:, 1:], jnp.zeros_like(resets[:, :1])], axis=1)
         ys, carry = _scan_cell(cell, params, _gather_time(xs, order), _gather_time(mask, order), carry0,
-                               _gather_time(next_resets, order), unroll)
+                               _gather_time(next_resets, order), unroll, kernels)
         return _scatter_time(ys, order), carry
-    return _scan_cell(cell, params, xs, mask, carry0, resets, unroll)
+    return _scan_cell(cell, params, xs, mask, carry0, resets, unroll, kernels)
 
 
-def unroll(cell, params, xs, *, mask=None, carry=None, resets=None, reverse: bool = False, unroll: int = 1, key=None):
+def unroll(cell, params, xs, *, mask=None, carry=None, resets=None, reverse: bool = False, unroll: int = 1, key=None,
+           kernels: str = "auto"):
     """Run `cell` over `xs: [B, T, d_in]`; returns `(ys [B, T, d_out], final carry)`.
 
     mask, resets: bool `[B, T]` (see the module docstring). carry: the initial carry
     (default zeros). key: PRNG key enabling dropout between the layers of a `Stack`.
     unroll: passed to `lax.scan` (measured: > 1 did not help training on CPU).
+    kernels: "auto" (each leaf cell takes the first eligible entry of the dispatch table) or
+    "reference" (the `lax.scan` of `step` everywhere).
     """
+    dispatch.check_policy(kernels)
     check_features(xs, cell.d_in, name="xs")
     batch, steps = xs.shape[:2]
     if mask is None:
@@ -157,4 +169,4 @@ def unroll(cell, params, xs, *, mask=None, carry=None, resets=None, reverse: boo
         got = jax.tree.map(jnp.shape, carry)
         if expected != got:
             raise ShapeError(f"carry has shapes {got} but {type(cell).__name__} with batch {batch} expects {expected}.")
-    return _run(cell, params, xs, mask, carry, resets, reverse, unroll, key)
+    return _run(cell, params, xs, mask, carry, resets, reverse, unroll, key, kernels)

@@ -206,7 +206,7 @@ def test_bad_dtype_and_implementation_raise():
     with pytest.raises(ShapeError, match="dtype"):
         attention(q.astype(jnp.bfloat16), k, v)
     with pytest.raises(ConfigError, match="implementation"):
-        attention(q, k, v, implementation="pallas")  # "flash" is valid now (jaxseq.flash_attention)
+        attention(q, k, v, implementation="pallas")  # "flash" is valid now (jaxseq.kernels.flash_attention)
 
 
 # ---------------------------------------------------------------------------------------------- RoPE

@@ -1,10 +1,8 @@
-"""The cuDNN LSTM path (jaxseq.cudnn_lstm), checked on CPU.
+"""The cuDNN LSTM path (jaxseq.kernels.cudnn_lstm): what can be checked on CPU.
 
-cuDNN's kernel itself needs an NVIDIA GPU. What can go wrong around it is checked here: the weight
-packing (jaxseq's [d_in, 4H] / [H, 4H] matrices to cuDNN's flat vector), per-row sequence lengths,
-rows with no valid step, and gradients flowing back through the packing. For that, `lstm_cudnn` runs
-with `jax.experimental.rnn`'s pure-JAX reference of the kernel, which unpacks the same flat vector
-with JAX's own `unpack_lstm_weights`, and is compared with jaxseq's reference scan of `LSTM.step`.
+The weight packing (jaxseq's [d_in, 4H] / [H, 4H] matrices to cuDNN's flat vector, unpacked by JAX's
+own `unpack_lstm_weights`), the run-time condition, and that the CPU never takes the path. cuDNN's
+kernel itself against the reference is in tests/test_gpu.py (marked gpu).
 """
 
 import jax
@@ -14,14 +12,7 @@ import pytest
 from jax.experimental import rnn
 
 from jaxseq.cells import LSTM
-from jaxseq.cudnn_lstm import cudnn_available, cudnn_expresses, lstm_cudnn, pack_weights
-from jaxseq.scan import _lax_scan_cell
-
-
-def _reference_kernel(x, h0, c0, w, lengths, d_in, hidden, layers, dropout, bidirectional):
-    """`rnn.lstm`'s signature, run by `rnn.lstm_ref` on the unpacked weights (works on CPU)."""
-    W_ih, W_hh, b_ih, b_hh = rnn.unpack_lstm_weights(w, d_in, hidden, layers, bidirectional)
-    return rnn.lstm_ref(x, h0, c0, W_ih, W_hh, b_ih, b_hh, lengths, d_in, hidden, layers, dropout, bidirectional)
+from jaxseq.kernels.cudnn_lstm import cudnn_available, cudnn_expresses, pack_weights
 
 
 def _problem(batch=4, steps=7, d_in=5, hidden=6):
@@ -45,24 +36,6 @@ def test_pack_weights_is_cudnns_layout():
     np.testing.assert_array_equal(W_hh[0], params["w_hh"].T)
     np.testing.assert_array_equal(b_ih[0], params["b_ih"])
     np.testing.assert_array_equal(b_hh[0], params["b_hh"])
-
-
-def test_kernel_path_matches_the_step_scan_with_prefix_masks_outputs_and_gradients():
-    cell, params, xs, mask, carry0, w = _problem()
-    resets = jnp.zeros(mask.shape, bool)
-
-    def loss(run):
-        def f(p, x, c):
-            ys, (h, cc) = run(p, x, c)
-            return jnp.sum(ys * w) + jnp.sum(jnp.sin(h)) + jnp.sum(jnp.cos(cc))
-
-        return jax.jit(lambda p, x, c: (run(p, x, c), jax.grad(f, argnums=(0, 1, 2))(p, x, c)))
-
-    got = loss(lambda p, x, c: lstm_cudnn(p, x, mask, c, kernel=_reference_kernel))(params, xs, carry0)
-    want = loss(lambda p, x, c: _lax_scan_cell(cell, p, x, mask, c, resets, 1))(params, xs, carry0)
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        assert g.shape == e.shape
-        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 import sys
 from jaxseq.attention import attention
 from jaxseq.errors import ConfigError, ShapeError
-from jaxseq.flash_attention import _Plan, flash_attention
+from jaxseq.kernels.flash_attention import _Plan, flash_attention
 
 TOL = dict(rtol=2e-5, atol=2e-5)  # float32 precision on O(1) values
 
@@ -165,7 +165,7 @@ def test_attention_routes_to_flash(monkeypatch):
     got = _with_grads(q, k, v, g, {"mask": kpm}, fn=attention, kw=(("causal", True), ("implementation", "flash")))
     assert_close(got, [np.asarray(x) for x in want])
     # auto on CPU from FLASH_MIN_LEN: the same numbers as asking for it
-    monkeypatch.setattr(sys.modules["jaxseq.attention"], "FLASH_MIN_LEN", 16)
+    monkeypatch.setattr(sys.modules["jaxseq.kernels.dispatch"], "FLASH_MIN_LEN", 16)
     auto = attention(q, k, v, mask=kpm, causal=True)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(attention(q, k, v, mask=kpm, causal=True, implementation="flash")))
     with pytest.raises(ConfigError, match="implementation='xla'"):

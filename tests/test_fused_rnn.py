@@ -1,6 +1,6 @@
-"""The fused whole-sequence recurrences (jaxseq.fused_rnn) against the plain scan of `cell.step`.
+"""The fused whole-sequence recurrences (jaxseq.kernels.fused_rnn) against the plain scan of `cell.step`.
 
-Reference: `jaxseq.scan._lax_scan_cell`, i.e. `lax.scan` over `cell.step` with JAX's own
+Reference: `jaxseq.scan.reference_recurrence`, i.e. `lax.scan` over `cell.step` with JAX's own
 autodiff. Checked: outputs, final carry, and gradients w.r.t. params, xs and carry0, with
 padding + holes in the mask, resets, a non-zero carry0, odd sizes, batch 1, length 1,
 length 0, under jit, in both internal layouts (batch- and feature-major), and through
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseq import fused_rnn
+from jaxseq.kernels import fused_rnn
 from jaxseq.cells import GRU, LSTM, Elman, bidirectional
-from jaxseq.scan import _lax_scan_cell, unroll
+from jaxseq.scan import StepOnly, reference_recurrence, unroll
 
 CELLS = {
     "lstm": lambda d, h: LSTM(d, h),
@@ -70,7 +70,7 @@ def _outputs_and_grads(run, w):
 
 
 def _compare(cell, params, xs, mask, resets, carry0, w):
-    ref = _outputs_and_grads(lambda p, x, c: _lax_scan_cell(cell, p, x, mask, c, resets, 1), w)
+    ref = _outputs_and_grads(lambda p, x, c: reference_recurrence(cell, p, x, mask, c, resets, 1), w)
     fused = _outputs_and_grads(lambda p, x, c: _fused(cell)(p, x, mask, c, resets), w)
     got, want = fused(params, xs, carry0), ref(params, xs, carry0)
     _assert_close(got[0], want[0], "outputs and final carry")
@@ -128,7 +128,7 @@ def test_unroll_dispatches_to_the_fused_form(kind):
     xs = jnp.ones((2, 4, 3))
     jaxpr = str(jax.make_jaxpr(lambda p: unroll(cell, p, xs))(cell.init(jax.random.key(0))))
     assert "custom_vjp_call" in jaxpr  # the fused path is the one that runs
-    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p: unroll(_ReferenceOnly(cell), p, xs))(
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p: unroll(StepOnly(cell), p, xs))(
         cell.init(jax.random.key(0))))
 
 
@@ -136,7 +136,7 @@ def test_unroll_reverse_and_bidirectional_match_reference():
     """Through jaxseq.unroll: reverse=True permutes time per row; bidirectional runs both."""
     cell = LSTM(3, 5)
     params, xs, mask, resets, carry0, w = _problem(cell, batch=3, steps=6, holes=False)
-    bi, bi_ref = bidirectional(cell), bidirectional(_ReferenceOnly(cell))
+    bi, bi_ref = bidirectional(cell), bidirectional(StepOnly(cell))
     bparams = bi.init(jax.random.key(1))
     w2 = jnp.concatenate([w, w[..., ::-1]], -1)
 
@@ -150,18 +150,3 @@ def test_unroll_reverse_and_bidirectional_match_reference():
     got, want = run(bi)(bparams, xs, carry0), run(bi_ref)(bparams, xs, carry0)
     _assert_close(got[0], want[0], "reverse / bidirectional outputs")
     _assert_close(got[1], want[1], "reverse / bidirectional gradients")
-
-
-class _ReferenceOnly:
-    """Wraps a cell, hiding `sequence_unroll`, so `unroll` takes the plain lax.scan path."""
-
-    def __init__(self, cell):
-        self._cell = cell
-
-    def __getattr__(self, name):
-        if name == "sequence_unroll":
-            raise AttributeError(name)
-        return getattr(self._cell, name)
-
-    def __hash__(self):
-        return hash(("ref", self._cell))

@@ -1,7 +1,6 @@
 """Checks that need an NVIDIA GPU: `pytest -m gpu tests/test_gpu.py` (skipped on other backends).
 
-What the CPU suite cannot reach: cuDNN's LSTM kernel behind `jaxseq.cudnn_lstm` (the CPU tests run its
-pure-JAX reference instead), cuDNN's fused attention behind `jaxseq.attention`, and `jaxseq.train`'s
+What the CPU suite cannot reach: cuDNN's LSTM kernel behind `jaxseq.kernels.cudnn_lstm`, cuDNN's fused attention behind `jaxseq.attention`, and `jaxseq.train`'s
 step and checkpoints on a GPU backend. `benchmarks/gpu_suite.sh` runs this file first.
 
 Tolerances: the references run with `jax.default_matmul_precision("highest")` (full float32). cuDNN's
@@ -20,10 +19,11 @@ import pytest
 
 from jaxseq.attention import attention
 from jaxseq.cells import LSTM
-from jaxseq.config import DataConfig, OptimConfig, RNNConfig, TrainConfig, TransformerConfig
-from jaxseq.cudnn_lstm import cudnn_available, lstm_cudnn
-from jaxseq.flash_attention import flash_attention
-from jaxseq.scan import _lax_scan_cell, unroll
+from jaxseq.config import OptimConfig, RNNConfig, TrainConfig, TransformerConfig
+from jaxseq.kernels.cudnn_lstm import cudnn_available, lstm_cudnn
+from jaxseq.kernels.flash_attention import flash_attention
+from jaxseq.scan import reference_recurrence, unroll
+from jaxseq.tasks import CharLM
 from jaxseq.train import train
 
 pytestmark = [
@@ -67,7 +67,7 @@ def test_cudnn_lstm_kernel_matches_the_step_scan_outputs_and_gradients():
     assert cudnn_available(xs, params)
     resets = jnp.zeros(mask.shape, bool)
     with jax.default_matmul_precision("highest"):
-        want = _values_and_grads(lambda p, x, c: _lax_scan_cell(cell, p, x, mask, c, resets, 1), w)(params, xs, carry0)
+        want = _values_and_grads(lambda p, x, c: reference_recurrence(cell, p, x, mask, c, resets, 1), w)(params, xs, carry0)
     got = _values_and_grads(lambda p, x, c: lstm_cudnn(p, x, mask, c), w)(params, xs, carry0)
     _assert_trees_close(got, want, 5e-3)
 
@@ -86,7 +86,7 @@ def test_unroll_dispatch_keeps_jaxseq_semantics(kind):
         return unroll(cell, p, x, mask=mask, carry=c, resets=resets)
 
     with jax.default_matmul_precision("highest"):
-        want = _values_and_grads(lambda p, x, c: _lax_scan_cell(cell, p, x, mask, c, resets, 1), w)(params, xs, carry0)
+        want = _values_and_grads(lambda p, x, c: reference_recurrence(cell, p, x, mask, c, resets, 1), w)(params, xs, carry0)
         got = _values_and_grads(run_unroll, w)(params, xs, carry0)
     # the fused path honours the precision setting; cuDNN (prefix masks) may use TF32
     _assert_trees_close(got, want, 5e-3 if kind == "prefix" else 2e-5)
@@ -130,7 +130,7 @@ def test_flash_attention_on_gpu_matches_xla_in_float32():
 def _gpu_config(tmp_path, model, **kw):
     return TrainConfig(
         model=model, rnn=RNNConfig(d_embed=64, d_hidden=256), transformer=TransformerConfig(num_layers=2, d_model=128, d_ff=512),
-        data=DataConfig(seq_len=64, batch_size=32), optim=OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=1.0),  # constant after warm-up: a
+        char_lm=CharLM(seq_len=64, batch_size=32), optim=OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=1.0),  # constant after warm-up: a
         # 40-step run and its resumption follow the 80-step run's schedule
         steps=80, eval_every=40, eval_batches=4, checkpoint_every=40, progress=False, run_dir=str(tmp_path / model), **kw,
     )
@@ -145,13 +145,13 @@ def _losses(run_dir):
 def test_train_learns_and_resumes_on_gpu(tmp_path, model):
     """`jaxseq train`'s step on the GPU: the loss falls below the unigram level, and a run stopped at its
     step-40 checkpoint and resumed reproduces the uninterrupted run's later losses."""
-    full = train(_gpu_config(tmp_path / "full", model))
-    assert np.isfinite(full["val_loss"]) and full["val_loss"] < 3.0, full  # ln(vocab ~ 90) = 4.5; unigram ~ 3.3
-    train(dataclasses.replace(_gpu_config(tmp_path / "split", model), steps=40))
-    train(_gpu_config(tmp_path / "split", model, resume=True))
+    full = train(None, None, _gpu_config(tmp_path / "full", model))
+    assert np.isfinite(full["val"]["loss"]) and full["val"]["loss"] < 3.0, full  # ln(vocab ~ 90) = 4.5; unigram ~ 3.3
+    train(None, None, dataclasses.replace(_gpu_config(tmp_path / "split", model), steps=40))
+    train(None, None, _gpu_config(tmp_path / "split", model, resume=True))
     a, b = _losses(tmp_path / "full" / model), _losses(tmp_path / "split" / model)
     later = [s for s in a if s > 40]
     assert later and all(s in b for s in later)
     diff = max(abs(a[s] - b[s]) for s in later)
-    print(f"{model}: val_loss {full['val_loss']:.3f}, max |loss difference| after resume {diff:.1e}")
+    print(f"{model}: val loss {full['val']['loss']:.3f}, max |loss difference| after resume {diff:.1e}")
     assert diff <= 1e-4 * max(abs(a[s]) for s in later), diff

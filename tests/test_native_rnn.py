@@ -1,9 +1,11 @@
-"""The LSTM and GRU on jaxseq's native CPU kernels (jaxseq/native): the same numbers as the XLA path.
+"""The LSTM and GRU on jaxseq's native CPU kernels (jaxseq/kernels/cpu): the same numbers as the XLA path.
 
-The XLA path (`jaxseq.fused_rnn.lstm_sequence` / `gru_sequence`) is itself checked against a float64
+The XLA path (`jaxseq.kernels.fused_rnn.lstm_sequence` / `gru_sequence`) is itself checked against a float64
 NumPy loop and PyTorch (tests/test_fused_rnn.py, tests/test_cells.py); here the native path must match
 it, outputs and the gradients of params, inputs and the initial carry, under masks with holes, resets,
 batches that are not a multiple of the kernels' 8-row tiles, one thread or several, and under vmap.
+Only the tests that need the built kernels are skipped without them; the fallback (native entries
+ineligible: the table takes fused-xla, with the reference's numbers) is tested on every machine.
 """
 
 import os
@@ -16,13 +18,15 @@ import numpy as np
 import pytest
 
 import jaxseq
-from jaxseq import native
 from jaxseq.cells import GRU, LSTM
-from jaxseq.fused_rnn import gru_sequence, lstm_sequence
-from jaxseq.native_gru import gru_sequence_native
-from jaxseq.native_lstm import lstm_sequence_native, native_eligible
+from jaxseq.kernels import cpu, explain_unroll
+from jaxseq.kernels.cpu.rnn import gru_sequence_native, lstm_sequence_native, native_eligible
+from jaxseq.kernels.fused_rnn import gru_sequence, lstm_sequence
+from jaxseq.scan import StepOnly
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}")
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason=f"native kernels unavailable: {cpu.unavailable_reason()}")
+# The compiler-fallback tests need a CPU the kernels run on (else that is the reason given, not the compiler).
+needs_isa = pytest.mark.skipif(cpu._cpu_supported() is not None, reason=f"{cpu._cpu_supported()}")
 
 # cell class, the XLA path, the native path, the custom-call target names
 CELLS = {
@@ -57,6 +61,7 @@ def _assert_close(got, want, tol=5e-6):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=tol, atol=tol)
 
 
+@needs_kernels
 @pytest.mark.parametrize("kind", CELLS)
 # input widths below, at and above a tile's 32 columns (the input projection is part of each step's matmul)
 @pytest.mark.parametrize("batch, hidden, d_in", [(12, 64, 16), (8, 32, 16), (3, 96, 64), (17, 128, 96)])
@@ -69,6 +74,7 @@ def test_matches_the_xla_path_with_masks_resets_and_carry(kind, batch, hidden, d
     _assert_close(got, want)
 
 
+@needs_kernels
 @pytest.mark.parametrize("kind", CELLS)
 def test_the_thread_count_changes_nothing(monkeypatch, kind):
     """Each output element is computed by one thread in one order: bit-identical for any thread count."""
@@ -82,6 +88,7 @@ def test_the_thread_count_changes_nothing(monkeypatch, kind):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@needs_kernels
 @pytest.mark.parametrize("kind", CELLS)
 def test_unroll_takes_the_native_path_on_cpu_and_keeps_its_numbers(kind):
     cell, params, xs, mask, carry0, resets, _ = _problem(kind, hidden=128)
@@ -93,8 +100,10 @@ def test_unroll_takes_the_native_path_on_cpu_and_keeps_its_numbers(kind):
     assert f"{target}_fwd" in hlo and f"{target}_bwd" in hlo
     with jax.default_matmul_precision("highest"):
         _assert_close(run(params, xs, carry0), xla(params, xs, mask, carry0, resets))
+    assert explain_unroll(cell, xs, mask=mask, resets=resets) == {"recurrence": f"cpu-native-{kind}"}
 
 
+@needs_kernels
 @pytest.mark.parametrize("kind", CELLS)
 def test_vmap_runs_each_example_as_its_own_batch(kind):
     _, params, xs, mask, carry0, resets, _ = _problem(kind, batch=6)
@@ -107,25 +116,38 @@ def test_vmap_runs_each_example_as_its_own_batch(kind):
         _assert_close(got, want)
 
 
-def test_eligibility():
+@needs_kernels
+def test_eligible_at_min_hidden():
     _, params, xs, *_ = _problem("lstm", hidden=128)
     assert native_eligible(params, xs)
+
+
+def test_ineligible_calls():
+    _, params, xs, *_ = _problem("lstm", hidden=128)
     assert not native_eligible(LSTM(16, 160 + 16).init(jax.random.key(0)), xs)  # hidden not a multiple of 32
     assert not native_eligible(LSTM(16, 64).init(jax.random.key(0)), xs)  # below MIN_HIDDEN
     assert not native_eligible(params, xs[:, :0])  # no steps
     assert not native_eligible(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), xs.astype(jnp.bfloat16))
 
 
-def test_disabled_by_environment_with_a_reason():
-    code = "import jaxseq.native as n; print(n.available(), '|', n.unavailable_reason())"
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, JAXSEQ_NATIVE="0"), capture_output=True,
-                         text=True, check=True).stdout
-    assert out.strip() == "False | JAXSEQ_NATIVE=0 is set"
+@pytest.mark.parametrize("kind", CELLS)
+def test_without_the_kernels_the_table_takes_the_fused_path_with_the_reference_numbers(monkeypatch, kind):
+    """Native entries made ineligible (as on a machine without a compiler or AVX-512): fused-xla runs."""
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    cell, params, xs, mask, carry0, resets, w = _problem(kind, hidden=128)
+    assert explain_unroll(cell, xs, mask=mask, resets=resets) == {"recurrence": "fused-xla"}
+    run = lambda c: lambda p, x, m, c0, r: jaxseq.unroll(c, p, x, mask=m, carry=c0, resets=r)  # noqa: E731
+    assert f"{CELLS[kind][3]}_" not in jax.jit(run(cell)).lower(params, xs, mask, carry0, resets).as_text()
+    with jax.default_matmul_precision("highest"):
+        got = _values_and_grads(run(cell), mask, resets, w)(params, xs, carry0)
+        want = _values_and_grads(run(StepOnly(cell)), mask, resets, w)(params, xs, carry0)
+    _assert_close(got, want, tol=2e-5)
 
 
+@needs_isa
 @pytest.mark.parametrize("compiler, reason", [("no-such-compiler", "no C++ compiler"), ("false", "failed")])
 def test_without_a_working_compiler_it_falls_back_with_the_reason(tmp_path, compiler, reason):
-    code = "import jaxseq.native as n; print(n.available()); print(n.unavailable_reason())"
+    code = "import jaxseq.kernels.cpu as n; print(n.available()); print(n.unavailable_reason())"
     env = dict(os.environ, CXX=compiler, JAXSEQ_CACHE_DIR=str(tmp_path))  # an empty cache: it must build
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.startswith("False") and reason in done.stdout

@@ -276,8 +276,7 @@ def test_bidirectional_matches_torch_packed_sequences():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_generic_scan_path_matches_the_cells_own_sequence_form(reverse):
     """Masks with holes, an empty row, resets and a given carry: the lax.scan of `step` and
-    the cell's `sequence_unroll` give the same outputs, carries and gradients."""
-    assert hasattr(CELL, "sequence_unroll") and not hasattr(StepOnly(CELL), "sequence_unroll")
+    the cell's fast path (the dispatch table's choice) give the same outputs, carries and gradients."""
     xs, _ = _padded([9, 9, 9], T_PACKED, seed=14)
     mask = np.ones((3, T_PACKED), bool)
     mask[0, A + B:] = False  # row 0: packed [seqA, seqB] + padding

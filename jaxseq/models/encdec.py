@@ -31,10 +31,11 @@ from jaxseq.models.transformer import (
     add_positions,
     check_heads,
     check_positional,
+    flat_apply,
     gpt_init,
+    layer_norm,
     mask_positions,
 )
-from jaxseq.native_layers import Dense, LayerNorm
 
 
 class CrossAttention(nn.Module):
@@ -45,6 +46,7 @@ class CrossAttention(nn.Module):
     num_kv_heads: int | None = None
     out_init_scale: float = 1.0
     implementation: str | None = None
+    kernels: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -52,22 +54,22 @@ class CrossAttention(nn.Module):
         self.kv_heads = check_heads(self.d_model, self.num_heads, self.num_kv_heads)
         self.head_dim = self.d_model // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.q_proj = Dense(self.d_model, kernel_init=gpt_init, **kw)
-        self.kv_proj = Dense(2 * self.kv_heads * self.head_dim, kernel_init=gpt_init, **kw)
-        self.c_proj = Dense(self.d_model, kernel_init=nn.initializers.normal(0.02 * self.out_init_scale), **kw)
+        self.q_proj = nn.Dense(self.d_model, kernel_init=gpt_init, **kw)
+        self.kv_proj = nn.Dense(2 * self.kv_heads * self.head_dim, kernel_init=gpt_init, **kw)
+        self.c_proj = nn.Dense(self.d_model, kernel_init=nn.initializers.normal(0.02 * self.out_init_scale), **kw)
 
     def memory_kv(self, memory):
         """memory [B, S, D] -> (k, v), each [B, S, kv_heads, head_dim]. Done once per source for decoding."""
         B, S, _ = memory.shape
-        kv = self.kv_proj(memory).reshape(B, S, 2, self.kv_heads, self.head_dim)
+        kv = flat_apply(self.kv_proj, memory).reshape(B, S, 2, self.kv_heads, self.head_dim)
         return kv[:, :, 0], kv[:, :, 1]
 
     def __call__(self, x, k, v, src_mask=None):
         """x [B, T, D] attends to memory keys/values; src_mask [B, S] hides source padding."""
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-        y = attention(q, k, v, mask=src_mask, implementation=self.implementation)
-        return self.c_proj(y.reshape(B, T, self.d_model))
+        q = flat_apply(self.q_proj, x).reshape(B, T, self.num_heads, self.head_dim)
+        y = attention(q, k, v, mask=src_mask, implementation=self.implementation, kernels=self.kernels)
+        return flat_apply(self.c_proj, y.reshape(B, T, self.d_model))
 
 
 class DecoderBlock(Block):
@@ -79,9 +81,10 @@ class DecoderBlock(Block):
             raise ConfigError("a DecoderBlock's self-attention is causal; leave causal=True.")
         super().setup()
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.ln_cross = LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.ln_cross = layer_norm(self.layer_norm_eps, **kw)
         self.cross = CrossAttention(
-            self.d_model, self.num_heads, self.num_kv_heads, self.out_init_scale, self.implementation, **kw
+            self.d_model, self.num_heads, self.num_kv_heads, self.out_init_scale, self.implementation,
+            kernels=self.kernels, **kw,
         )
 
     def memory_kv(self, memory):
@@ -115,6 +118,7 @@ class TransformerSeq2Seq(nn.Module):
     gelu_approximate: bool = True
     rope_base: float = 10000.0
     attention_implementation: str | None = None
+    kernels: str = "auto"  # "auto" | "reference": attention's dispatch policy (jaxseq.kernels)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     # Per-head attention matmuls dominate: on CPU its steps compile with YNNPACK dots (jaxseq.xla_options).
@@ -139,7 +143,7 @@ class TransformerSeq2Seq(nn.Module):
             d_model=self.d_model, num_heads=self.num_heads, d_ff=self.d_ff, num_kv_heads=self.num_kv_heads,
             dropout=self.dropout, rope=self.positional == "rope", rope_base=self.rope_base,
             layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
-            implementation=self.attention_implementation, **kw,
+            implementation=self.attention_implementation, kernels=self.kernels, **kw,
         )
         self.src_embed = nn.Embed(self.src_vocab_size, self.d_model, embedding_init=gpt_init, **kw)
         self.tgt_embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=gpt_init, **kw)
@@ -150,10 +154,10 @@ class TransformerSeq2Seq(nn.Module):
         self.encoder = [
             Block(causal=False, out_init_scale=(2 * self.num_layers) ** -0.5, **common) for _ in range(self.num_layers)
         ]
-        self.enc_ln = LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.enc_ln = layer_norm(self.layer_norm_eps, **kw)
         # Three residual branches per decoder layer.
         self.decoder = [DecoderBlock(out_init_scale=(3 * n_dec) ** -0.5, **common) for _ in range(n_dec)]
-        self.dec_ln = LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.dec_ln = layer_norm(self.layer_norm_eps, **kw)
         if not self.tie_embeddings:
             self.lm_head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=gpt_init, **kw)
         self.drop = nn.Dropout(self.dropout)

@@ -18,17 +18,19 @@ class RecurrentLM(nn.Module):
     init_state(batch_size, max_len) -> the cell's carry (max_len is unused: an RNN's state has fixed size).
     step(state, token [B]) -> (state, logits [B, V]).
     Dropout (rate `dropout`) is applied to the embeddings and to the cell outputs, and between
-    stacked layers by the cell itself.
+    stacked layers by the cell itself. `kernels` ("auto" | "reference") picks the recurrence's
+    implementation (`jaxseq.unroll`).
     """
 
     vocab_size: int
     cell: Any
     d_embed: int
     dropout: float = 0.0
+    kernels: str = "auto"
 
     def setup(self):
         self.embed = nn.Embed(self.vocab_size, self.d_embed)
-        self.rnn = Recurrent(self.cell)
+        self.rnn = Recurrent(self.cell, kernels=self.kernels)
         self.drop = nn.Dropout(self.dropout)
         self.head = nn.Dense(self.vocab_size)
 

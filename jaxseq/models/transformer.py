@@ -31,10 +31,22 @@ import numpy as np
 from jaxseq.attention import KVCache, apply_rope, attention, check_cache_room, sinusoidal_positions
 from jaxseq.checks import check_mask, check_tokens, is_concrete
 from jaxseq.errors import ConfigError, ShapeError
-from jaxseq.native_layers import Dense, LayerNorm
 
 POSITIONAL = ("learned", "sinusoidal", "rope")
 gpt_init = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
+
+
+def flat_apply(layer, x):
+    """layer(x) over x [..., K] as one [N, K] matmul: a 3-D Dense sent the weight-gradient matmul down a
+    slow XLA path on CPU (as in RecurrentLM._logits)."""
+    y = layer(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def layer_norm(epsilon: float, **kw) -> nn.LayerNorm:
+    """Flax's LayerNorm with the two-pass variance mean((x - mean)^2): the one-pass default loses digits
+    when |mean| >> std."""
+    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, **kw)
 
 
 def check_heads(d_model: int, num_heads: int, num_kv_heads: int | None) -> int:
@@ -64,6 +76,7 @@ class SelfAttention(nn.Module):
     rope_base: float = 10000.0
     out_init_scale: float = 1.0  # GPT-2 scales the residual projections by 1/sqrt(2 * num_layers)
     implementation: str | None = None
+    kernels: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -71,9 +84,9 @@ class SelfAttention(nn.Module):
         self.kv_heads = check_heads(self.d_model, self.num_heads, self.num_kv_heads)
         self.head_dim = self.d_model // self.num_heads
         width = (self.num_heads + 2 * self.kv_heads) * self.head_dim
-        self.c_attn = Dense(width, kernel_init=gpt_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.c_attn = nn.Dense(width, kernel_init=gpt_init, dtype=self.dtype, param_dtype=self.param_dtype)
         out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
-        self.c_proj = Dense(self.d_model, kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.c_proj = nn.Dense(self.d_model, kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, x, positions, mask=None, cache: KVCache | None = None, lengths=None):
         """x [B, T, D], positions int [B, T]; mask [B, T] key padding (parallel form only).
@@ -83,7 +96,7 @@ class SelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, K, d = self.num_heads, self.kv_heads, self.head_dim
-        qkv = self.c_attn(x)  # [B, T, (H + 2K) * d]
+        qkv = flat_apply(self.c_attn, x)  # [B, T, (H + 2K) * d]
         q = qkv[..., : H * d].reshape(B, T, H, d)
         k = qkv[..., H * d : (H + K) * d].reshape(B, T, K, d)
         v = qkv[..., (H + K) * d :].reshape(B, T, K, d)
@@ -91,14 +104,15 @@ class SelfAttention(nn.Module):
             q = apply_rope(q, positions, base=self.rope_base)
             k = apply_rope(k, positions, base=self.rope_base)
         if cache is None:
-            y = attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation)
+            y = attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation, kernels=self.kernels)
         else:
             # Right padding needs no key mask here: a valid query at index + t only sees keys up to
             # index + t, which are all valid; padded keys lie beyond the row's new index.
             offset = cache.index
             cache = cache.update(k, v, lengths)
-            y = attention(q, cache.k, cache.v, causal=True, q_offset=offset, implementation=self.implementation)
-        return self.c_proj(y.reshape(B, T, H * d)), cache
+            y = attention(q, cache.k, cache.v, causal=True, q_offset=offset, implementation=self.implementation,
+                          kernels=self.kernels)
+        return flat_apply(self.c_proj, y.reshape(B, T, H * d)), cache
 
 
 class MLP(nn.Module):
@@ -112,13 +126,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        # The tanh GELU runs inside the dense layer (fused on the native CPU kernel); the exact one after it.
-        fused = "gelu_tanh" if self.gelu_approximate else None
-        h = Dense(self.d_ff, activation=fused, kernel_init=gpt_init, name="c_fc", **kw)(x)
-        if not self.gelu_approximate:
-            h = jax.nn.gelu(h, approximate=False)
+        h = flat_apply(nn.Dense(self.d_ff, kernel_init=gpt_init, name="c_fc", **kw), x)
+        h = jax.nn.gelu(h, approximate=self.gelu_approximate)
         out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
-        return Dense(self.d_model, kernel_init=out_init, name="c_proj", **kw)(h)
+        return flat_apply(nn.Dense(self.d_model, kernel_init=out_init, name="c_proj", **kw), h)
 
 
 class Block(nn.Module):
@@ -136,17 +147,19 @@ class Block(nn.Module):
     gelu_approximate: bool = True
     out_init_scale: float = 1.0
     implementation: str | None = None
+    kernels: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.ln_1 = LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.ln_1 = layer_norm(self.layer_norm_eps, **kw)
         self.attn = SelfAttention(
             self.d_model, self.num_heads, self.num_kv_heads, causal=self.causal, rope=self.rope,
-            rope_base=self.rope_base, out_init_scale=self.out_init_scale, implementation=self.implementation, **kw,
+            rope_base=self.rope_base, out_init_scale=self.out_init_scale, implementation=self.implementation,
+            kernels=self.kernels, **kw,
         )
-        self.ln_2 = LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.ln_2 = layer_norm(self.layer_norm_eps, **kw)
         self.mlp = MLP(self.d_model, self.d_ff, self.gelu_approximate, self.out_init_scale, **kw)
         self.drop = nn.Dropout(self.dropout)
 
@@ -229,7 +242,8 @@ class TransformerLM(nn.Module):
     layer_norm_eps: float = 1e-5
     gelu_approximate: bool = True
     rope_base: float = 10000.0
-    attention_implementation: str | None = None  # None = auto (cuDNN on GPU if eligible), "xla", "cudnn"
+    attention_implementation: str | None = None  # None = the dispatch table; or force "xla", "cudnn", "flash", "native"
+    kernels: str = "auto"  # "auto" | "reference": attention's dispatch policy (jaxseq.kernels)
     dtype: Any = jnp.float32  # compute dtype; logits are always returned in float32
     param_dtype: Any = jnp.float32
     # Per-head attention matmuls dominate: on CPU its steps compile with YNNPACK dots (jaxseq.xla_options).
@@ -260,11 +274,11 @@ class TransformerLM(nn.Module):
                 self.d_model, self.num_heads, self.d_ff, self.num_kv_heads, self.dropout, causal=True,
                 rope=self.positional == "rope", rope_base=self.rope_base, layer_norm_eps=self.layer_norm_eps,
                 gelu_approximate=self.gelu_approximate, out_init_scale=(2 * max(self.num_layers, 1)) ** -0.5,
-                implementation=self.attention_implementation, **kw,
+                implementation=self.attention_implementation, kernels=self.kernels, **kw,
             )
             for _ in range(self.num_layers)
         ]
-        self.ln_f = LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.ln_f = layer_norm(self.layer_norm_eps, **kw)
         if not self.tie_embeddings:
             self.lm_head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=gpt_init, **kw)
         self.drop = nn.Dropout(self.dropout)

@@ -1,16 +1,15 @@
 """jaxseq's native CPU kernels: C++ compiled on first use, loaded and registered as XLA FFI targets.
 
-`rnn_cpu.cc` holds the LSTM's and the GRU's recurrent loops, `attention_cpu.cc` FlashAttention-2's
-forward and backward, `dense_cpu.cc` dense layers with their bias and GELU fused in, `layernorm_cpu.cc`
-LayerNorm, all for x86-64 CPUs with AVX-512 and built from the tiles and threads of `kernels.h` (see
-each file's header for why and what it computes; `jaxseq.native_lstm`, `jaxseq.native_gru`,
-`jaxseq.native_attention` and `jaxseq.native_layers` call them). They are compiled into one library the
-first time a process asks for it, with the C++ compiler in `$CXX` (default `g++`) against the XLA FFI
-headers that jaxlib ships, into a cache folder (`$JAXSEQ_CACHE_DIR`, default `~/.cache/jaxseq`) under
-a name that hashes the sources, the flags and the jaxlib version, so later processes load it in
-milliseconds. Nothing here is needed: when the CPU lacks AVX-512, no compiler is found, the build
-fails or `JAXSEQ_NATIVE=0` is set, `available()` is False (the reason is in `unavailable_reason()`)
-and jaxseq runs its XLA paths, with the same numbers.
+Written by hand because no library offers these operations on CPU: `rnn_cpu.cc` holds the LSTM's and
+the GRU's recurrent loops (wrapped by `jaxseq.kernels.cpu.rnn`), `attention_cpu.cc` FlashAttention-2's
+forward and backward (`jaxseq.kernels.cpu.attention`), for x86-64 CPUs with AVX-512, built from the
+tiles and threads of `kernels.h` and `pool.h`. They are compiled into one library the first time a
+process asks for it, with the C++ compiler in `$CXX` (default `g++`) against the XLA FFI headers that
+jaxlib ships, into a cache folder (`$JAXSEQ_CACHE_DIR`, default `~/.cache/jaxseq`) under a name that
+hashes the sources, the flags and the jaxlib version, so later processes load it in milliseconds.
+Nothing here is needed: when the CPU lacks AVX-512, no compiler is found or the build fails,
+`available()` is False (the reason is in `unavailable_reason()`), the dispatch table
+(`jaxseq.kernels.dispatch`) finds the native entries ineligible and runs the XLA paths instead.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "rnn_cpu.cc", HERE / "attention_cpu.cc", HERE / "dense_cpu.cc", HERE / "layernorm_cpu.cc"]
+SOURCES = [HERE / "rnn_cpu.cc", HERE / "attention_cpu.cc"]
 HEADERS = [HERE / "kernels.h", HERE / "pool.h"]
 # Explicit ISA flags rather than -march=native: the library may be built on one machine of a cluster
 # and loaded on another; `_cpu_supported` checks these features before anything is loaded.
@@ -39,9 +38,6 @@ TARGETS = {
     "jaxseq_lstm_fwd": "JaxseqLstmFwd", "jaxseq_lstm_infer": "JaxseqLstmInfer", "jaxseq_lstm_bwd": "JaxseqLstmBwd",
     "jaxseq_gru_fwd": "JaxseqGruFwd", "jaxseq_gru_infer": "JaxseqGruInfer", "jaxseq_gru_bwd": "JaxseqGruBwd",
     "jaxseq_attention_fwd": "JaxseqAttentionFwd", "jaxseq_attention_bwd": "JaxseqAttentionBwd",
-    "jaxseq_dense_fwd": "JaxseqDenseFwd", "jaxseq_dense_fwd_train": "JaxseqDenseFwdTrain",
-    "jaxseq_dense_bwd": "JaxseqDenseBwd",
-    "jaxseq_layernorm_fwd": "JaxseqLayerNormFwd", "jaxseq_layernorm_bwd": "JaxseqLayerNormBwd",
 }
 _REASON: list[str] = []
 # The FFI targets' prefix, read when a call is traced (benchmarks/native_ab.py registers a variant build
@@ -100,9 +96,6 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("JAXSEQ_NATIVE", "1") == "0":
-        _REASON.append("JAXSEQ_NATIVE=0 is set")
-        return None
     if (why := _cpu_supported()) is not None:
         _REASON.append(why)
         return None

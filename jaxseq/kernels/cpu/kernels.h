@@ -1,4 +1,4 @@
-// Shared parts of jaxseq's native CPU kernels (rnn_cpu.cc, attention_cpu.cc, dense_cpu.cc): a vector
+// Shared parts of jaxseq's native CPU kernels (rnn_cpu.cc, attention_cpu.cc): a vector
 // exp, the register-tiled matmul with a fused epilogue, threads for one call, and 2 MB pages for large
 // outputs.
 #pragma once
@@ -123,6 +123,8 @@ inline int max_threads() {
   return n > 0 ? n : 1;
 }
 
+// The RNN kernels' own threads: they meet at a barrier every step, and a pool.h helper that never
+// starts would deadlock such a barrier, so they are not handed to XLA's pool.
 template <typename Work>
 inline void run_threads(int n, Work work) {
   std::vector<std::thread> others;

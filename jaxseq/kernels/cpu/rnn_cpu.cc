@@ -5,13 +5,14 @@
 // with the per-step matmul handed to a library and its second thread joining late; the loops ran at
 // ~245 us a step against ~105 us for oneDNN's (benchmarks/README.md, RNN attempts 15-26). Here each
 // step is one matmul kernel ([h_t-1 | x_t] [W_hh; W_ih]) whose epilogue is the LSTM cell, split over
-// threads by hidden units, with one barrier per step. The weight-gradient and input-gradient matmuls
+// threads by hidden units, with one barrier per step (its own std::threads, not XLA's pool: a pool
+// helper that never starts would deadlock a per-step barrier). The weight-gradient and input-gradient matmuls
 // after the backward loop stay in XLA.
 //
 // Layout: batch-major, float32. Gate columns are in "panel order": panel p holds the 32 columns
 // [i, f, g, o] x units 8p..8p+7, so the epilogue of a 8-row x 32-column tile has every gate of 8
 // units and updates their cell in registers. The kernels pack the weights that way themselves;
-// jaxseq/native_lstm.py permutes the bias and permutes dz's columns back in the weight gradients.
+// jaxseq/kernels/cpu/rnn.py permutes the bias and permutes dz's columns back in the weight gradients.
 //
 //   jaxseq_lstm_fwd (training):
 //     x [B, T, D], w_ih [D, 4H], bias [4H] (panel order), w_hh [H, 4H], h0, c0 [B, H], mask, resets
@@ -23,7 +24,7 @@
 //     gates, cs, w_hh [H, 4H] (jaxseq's order), mask, resets, dys [B, T, H], dhT, dcT [B, H]
 //     -> dz [B * T, 4H] (gate pre-activation cotangents; aliases gates), dh0, dc0 [B, H]
 //
-// Semantics are those of jaxseq.fused_rnn.lstm_sequence: a reset before step t replaces the carry by
+// Semantics are those of jaxseq.kernels.fused_rnn.lstm_sequence: a reset before step t replaces the carry by
 // (h0, c0); a masked step holds the carry and outputs 0; cotangents follow the same rules.
 
 #include <string>

@@ -1,10 +1,10 @@
-"""Attention on the native CPU kernel (`jaxseq/native/attention_cpu.cc`): FlashAttention-2's forward and
+"""Attention on the native CPU kernel (`attention_cpu.cc`): FlashAttention-2's forward and
 backward as two XLA FFI custom calls, float32, in the caller's [B, T, H, d] layout.
 
-Same semantics as `jaxseq.flash_attention` (causal masking with a query offset, static or traced and
+Same semantics as `jaxseq.kernels.flash_attention` (causal masking with a query offset, static or traced and
 per row; a key-padding mask; grouped-query heads; exact zeros and zero gradients for a query that sees
-no key), which it replaces on a single-device CPU backend when `native_eligible` holds (through
-`jaxseq.attention`). Tested against a float64 NumPy attention, gradients included
+no key), which it replaces on a single-device CPU backend when `native_eligible` holds (the dispatch table's
+"cpu-native-flash" entry, chosen by `jaxseq.attention`). Tested against a float64 NumPy attention, gradients included
 (tests/test_native_attention.py).
 """
 
@@ -17,25 +17,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseq import native
-from jaxseq.attention import _check_qkv, _key_validity, _row_offsets
+from jaxseq.kernels import cpu
+from jaxseq.checks import check_qkv, key_validity, row_offsets
 
 
 def native_eligible(q, k, v) -> bool:
     """Static conditions for the native kernel: the CPU backend with one device (a sharded program keeps
     the XLA path, which XLA can partition), float32 q, k, v, head_dim a multiple of 32, and the kernels
     built."""
-    if not native.on_single_cpu():
+    if not cpu.on_single_cpu():
         return False
     if any(x.dtype != jnp.float32 or x.ndim != 4 for x in (q, k, v)):
         return False
-    return q.shape[-1] % 32 == 0 and native.available()
+    return q.shape[-1] % 32 == 0 and cpu.available()
 
 
 def _forward(q, k, v, kvalid, offset, causal, scale):
     B, T, H, _ = q.shape
-    outs = (native.f32(*q.shape), native.f32(B, H, T))
-    return native.call("jaxseq_attention_fwd", outs, q, k, v, kvalid, offset, causal=causal, scale=np.float32(scale))
+    outs = (cpu.f32(*q.shape), cpu.f32(B, H, T))
+    return cpu.call("jaxseq_attention_fwd", outs, q, k, v, kvalid, offset, causal=causal, scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -50,8 +50,8 @@ def _attention_fwd(q, k, v, kvalid, offset, causal, scale):
 
 def _attention_bwd(causal, scale, res, dout):
     q, k, v, kvalid, offset, out, lse = res
-    outs = (native.f32(*q.shape), native.f32(*k.shape), native.f32(*v.shape))
-    dq, dk, dv = native.call("jaxseq_attention_bwd", outs, q, k, v, kvalid, offset, out, lse, dout.astype(jnp.float32),
+    outs = (cpu.f32(*q.shape), cpu.f32(*k.shape), cpu.f32(*v.shape))
+    dq, dk, dv = cpu.call("jaxseq_attention_bwd", outs, q, k, v, kvalid, offset, out, lse, dout.astype(jnp.float32),
                              causal=causal, scale=np.float32(scale))
     return dq, dk, dv, None, None
 
@@ -73,12 +73,12 @@ def native_attention(q, k, v, *, causal: bool = False, key_padding_mask=None, q_
     Returns:
       [B, T, H, d] float32. A query that may attend to no key returns exact zeros, with zero gradients.
     """
-    B, T, H, S = _check_qkv(q, k, v)
-    if not native.available():
-        raise RuntimeError(f"jaxseq's native attention kernel is unavailable: {native.unavailable_reason()}")
+    B, T, H, S = check_qkv(q, k, v)
+    if not cpu.available():
+        raise RuntimeError(f"jaxseq's native attention kernel is unavailable: {cpu.unavailable_reason()}")
     if T == 0:
         return jnp.zeros(q.shape, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    kvalid = _key_validity(key_padding_mask, B, S)
-    offset = _row_offsets(q_offset if causal else 0, B)
+    kvalid = key_validity(key_padding_mask, B, S)
+    offset = row_offsets(q_offset if causal else 0, B)
     return _attention(q, k, v, kvalid, offset, bool(causal), scale)

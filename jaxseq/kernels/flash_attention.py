@@ -9,8 +9,8 @@ recomputes the probabilities of each block from the saved log-sum-exp, as FlashA
 Memory is O(T) per head beyond the inputs, and the work is about half that of the dense op.
 
 On GPU use cuDNN's fused kernel (`jaxseq.attention(..., implementation="cudnn")`); on a single-device
-CPU `jaxseq.attention` takes the same algorithm as a native kernel (`jaxseq.native_attention`, 1.5x-2x
-this module's speed) when it is built. This module is the portable path (any dtype or backend, sharded
+CPU `jaxseq.attention` takes the same algorithm as a native kernel (`jaxseq.kernels.cpu.attention`,
+1.5x-2x this module's speed) when it is built. This module is the portable path (any dtype or backend, sharded
 programs) and a reference for the kernel.
 
 Internal layout: every sequence is cut into blocks, and the heads sharing one key/value head (GQA)
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxseq.attention import _check_qkv, _key_validity, _row_offsets  # the shared checks (attention imports this module lazily)
+from jaxseq.checks import check_qkv, key_validity, row_offsets
 from jaxseq.errors import ConfigError
 
 # Chosen by measurement on the 2-core CPU (benchmarks/attention_scaling.py, benchmarks/README.md). With
@@ -415,7 +415,7 @@ def flash_attention(
       [B, T, H, d] in q's dtype. A query that may attend to no key returns exact zeros, with zero
       (finite) gradients.
     """
-    B, T, H, S = _check_qkv(q, k, v)
+    B, T, H, S = check_qkv(q, k, v)
     Hkv, d = k.shape[2], q.shape[3]
     G = H // Hkv
     if schedule not in SCHEDULES:
@@ -437,7 +437,7 @@ def flash_attention(
             static_offset = int(q_offset)
             offset = jnp.full((BH,), static_offset, jnp.int32)
         else:
-            offset = jnp.repeat(_row_offsets(q_offset, B), Hkv)
+            offset = jnp.repeat(row_offsets(q_offset, B), Hkv)
     offset = offset.reshape(nc, c, 1, 1)
 
     bq, nq = _split_blocks(T, max(1, int(block_q) // G))
@@ -445,7 +445,7 @@ def flash_attention(
     Tp, Sp = bq * nq, bk * nk
 
     has_padding = key_padding_mask is not None
-    kvalid = jnp.pad(_key_validity(key_padding_mask, B, S), ((0, 0), (0, Sp - S)))  # padded keys are invalid
+    kvalid = jnp.pad(key_validity(key_padding_mask, B, S), ((0, 0), (0, Sp - S)))  # padded keys are invalid
     kvalid = jnp.broadcast_to(kvalid.reshape(B, Sp, 1, 1, 1), (B, Sp, Hkv, 1, 1))
     kvalid = _to_blocks(kvalid, nk, c)[..., 0][:, :, :, None, :]  # [nc, nk, c, 1, bk]
 

@@ -1,11 +1,11 @@
 """Whole-sequence LSTM, GRU and Elman recurrences with a hand-written backward pass.
 
 `lstm_sequence`, `gru_sequence` and `elman_sequence` compute what
-`jaxseq.scan._lax_scan_cell` computes for the matching cell (the plain `lax.scan` of
-`cell.step`), to float32 rounding: batch-major `xs [B, T, d_in]`, `mask [B, T]`
+`jaxseq.scan.reference_recurrence` computes for the matching cell (the plain `lax.scan`
+of `cell.step`), to float32 rounding: batch-major `xs [B, T, d_in]`, `mask [B, T]`
 (False: carry held, output zero), `resets [B, T]` (True: carry := carry0 before step
-t), returning `(ys [B, T, H], final carry)`. `jaxseq.unroll` reaches them through
-`cell.sequence_unroll`; reversal is done by `unroll` before the call.
+t), returning `(ys [B, T, H], final carry)`. `jaxseq.unroll` reaches them through the
+dispatch table's "fused-xla" entry; reversal is done by `unroll` before the call.
 
 Why by hand (every choice below was measured on a 2-core CPU; figures and the
 losing variants are in benchmarks/README.md): autodiff of a scan saves and replays

@@ -1,9 +1,9 @@
 // Work for one kernel call spread over XLA's own CPU threads (the FFI ThreadPool), for the kernels whose
-// work splits into independent units (dense_cpu.cc, layernorm_cpu.cc).
+// work splits into independent units (attention_cpu.cc).
 //
 // Why: a kernel that starts threads of its own shares the cores with XLA's intra-op threads, which
-// spin for a while after each op waiting for the next one. Inside a train step that made the dense
-// kernel's calls ~1.9x slower than alone (benchmarks/README.md, GPT attempt 16). Handed to XLA's pool,
+// spin for a while after each op waiting for the next one (a kernel's calls ran ~1.9x slower inside a
+// train step than alone, benchmarks/README.md, GPT attempt 16). Handed to XLA's pool,
 // the same work goes to those spinning threads, and starting it costs a queue push, not a thread.
 //
 // The calling thread claims units too and the helpers only claim what is left, so a call finishes even

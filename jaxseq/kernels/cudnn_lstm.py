@@ -1,12 +1,11 @@
 """The LSTM on NVIDIA GPUs through cuDNN (`jax.experimental.rnn`), for the calls cuDNN can express.
 
-`jaxseq.LSTM.sequence_unroll` comes here first. On a CUDA backend, for float32 inputs and parameters,
-it runs cuDNN's fused LSTM when, at run time, every row's mask is a prefix (valid steps first, as
-cuDNN's per-row sequence lengths express) and no reset occurs; otherwise it runs jaxseq's own fused
-recurrence (`jaxseq.fused_rnn.lstm_sequence`). The two are one `lax.cond`, so the choice costs
-nothing at trace time and a masked or reset batch still gets exact jaxseq semantics. On CPU the
-dispatch takes jaxseq's native kernels (`jaxseq.native_lstm`) when they are built and the call is
-eligible, jaxseq's XLA path otherwise; on TPU always the XLA path.
+The dispatch table's "cudnn-lstm" entry (`jaxseq.kernels.dispatch`): on a CUDA backend, for float32
+inputs and parameters, `lstm_sequence_cudnn` runs cuDNN's fused LSTM when, at run time, every row's
+mask is a prefix (valid steps first, as cuDNN's per-row sequence lengths express) and no reset occurs;
+otherwise it runs jaxseq's own fused recurrence (`jaxseq.kernels.fused_rnn.lstm_sequence`). The two are
+one `lax.cond`, so the choice costs nothing at trace time and a masked or reset batch still gets exact
+jaxseq semantics.
 
 cuDNN's LSTM is jaxseq's: gate order i, f, g, o, two biases, sigmoid / tanh. Only the weight layout
 differs: cuDNN takes one flat vector (W_ih [4H, d_in], W_hh [4H, H], b_ih, b_hh, see
@@ -22,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxseq.kernels.fused_rnn import lstm_sequence
 
 
 def pack_weights(params) -> jax.Array:
@@ -44,24 +45,20 @@ def cudnn_expresses(mask, resets) -> jax.Array:
     return prefix & ~jnp.any(resets)
 
 
-def lstm_cudnn(params, xs, mask, carry0, kernel=None):
-    """`lstm_sequence` semantics for prefix masks and no resets, on cuDNN's kernel.
+def lstm_cudnn(params, xs, mask, carry0):
+    """`lstm_sequence` semantics for prefix masks and no resets, on cuDNN's kernel (`jax.experimental.rnn`).
 
     xs [B, T, d_in]; mask [B, T] (a prefix per row); carry0 (h, c), each [B, H].
     Returns ys [B, T, H] (zero on masked steps) and the final (h, c), each [B, H] (held after a row ends).
-    kernel: `jax.experimental.rnn.lstm` (default), or a function with its signature (tests pass the
-    pure-JAX reference, so the packing is checked on CPU).
     """
-    if kernel is None:
-        from jax.experimental import rnn
+    from jax.experimental import rnn  # GPU-only machinery: imported when a GPU call is traced
 
-        kernel = rnn.lstm
     d_in, hidden = params["w_ih"].shape[0], params["w_hh"].shape[0]
     h0, c0 = carry0
     lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
     # cuDNN returns the state of the last valid step, and h_n of a row with no valid step is
     # undefined there; jaxseq keeps carry0 for such a row.
-    ys, h_n, c_n = kernel(
+    ys, h_n, c_n = rnn.lstm(
         xs, h0[None], c0[None], pack_weights(params), jnp.maximum(lengths, 1), d_in, hidden, 1, 0.0, False
     )
     empty = (lengths == 0)[:, None]
@@ -69,16 +66,9 @@ def lstm_cudnn(params, xs, mask, carry0, kernel=None):
     return ys, (jnp.where(empty, h0, h_n[0]), jnp.where(empty, c0, c_n[0]))
 
 
-def lstm_sequence_dispatch(params, xs, mask, carry0, resets, unroll=1):
-    """`jaxseq.fused_rnn.lstm_sequence`, on cuDNN when `cudnn_available` and (at run time) `cudnn_expresses`,
-    on jaxseq's native CPU kernels when `jaxseq.native_lstm.native_eligible`, and in XLA otherwise."""
-    from jaxseq.fused_rnn import lstm_sequence
-    from jaxseq.native_lstm import lstm_sequence_native, native_eligible
-
-    if native_eligible(params, xs):
-        return lstm_sequence_native(params, xs, mask, carry0, resets)
-    if not cudnn_available(xs, params):
-        return lstm_sequence(params, xs, mask, carry0, resets, unroll)
+def lstm_sequence_cudnn(params, xs, mask, carry0, resets, unroll=1):
+    """`jaxseq.kernels.fused_rnn.lstm_sequence`, on cuDNN when (at run time) `cudnn_expresses` the call.
+    Check `cudnn_available` first."""
     return lax.cond(
         cudnn_expresses(mask, resets),
         lambda: lstm_cudnn(params, xs, mask, carry0),
