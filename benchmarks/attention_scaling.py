@@ -5,7 +5,7 @@ One attention op with q, k, v given (no projections): batch 8, 4 heads of 64 (d_
 the gradients of sum(out * g) with respect to q, k, v for a fixed random cotangent g (`jax.vjp` /
 `out.backward(g)`): what one layer costs in training.
 
-  * jaxseq-flash: `jaxseq.flash_attention` (blockwise, online softmax, masked half skipped, own backward),
+  * jaxseq-flash: `jaxseq.kernels.flash_attention` (blockwise, online softmax, masked half skipped, own backward),
                   jitted with `jaxseq.xla_options.compiler_options` as jaxseq's Transformer steps are
                   (YNNPACK dots on CPU; `--cpu-dots xla` for XLA's defaults)
   * jaxseq-attention (GPU only): `jaxseq.attention(..., causal=True)`, the library's entry point,
@@ -90,7 +90,7 @@ def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from _common import device_name, jax_peak_mb, timed_rounds, torch_device, torch_peak_mb
     from jaxseq.attention import attention
-    from jaxseq.flash_attention import flash_attention
+    from jaxseq.kernels.flash_attention import flash_attention
     from jaxseq.xla_options import compiler_options
 
     if args.single_thread:

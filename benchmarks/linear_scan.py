@@ -6,10 +6,10 @@
 For each length T and each model, times one jitted forward + backward pass (gradient of
 mean(ys^2) w.r.t. the cell parameters) of:
 
-- `parallel`: MinGRU / MinLSTM / LRU through `jaxseq.unroll`, i.e. their `sequence_unroll`
-  (`jax.lax.associative_scan`, O(log T) depth);
+- `parallel`: MinGRU / MinLSTM / LRU through `jaxseq.unroll`, i.e. the dispatch table's
+  "parallel-scan" entry (`jax.lax.associative_scan`, O(log T) depth);
 - `sequential`: the same cell and parameters through the `lax.scan` of `step` (the
-  generation form, used by unroll for cells without `sequence_unroll`);
+  reference, `StepOnly`);
 - `lstm`: `jaxseq.LSTM` through unroll, the non-linear baseline.
 
 All in one process, so ratios are comparable even on a shared, noisy CPU. Compile time

@@ -1,4 +1,4 @@
-"""A/B of two builds of jaxseq's native kernels in one process: the repo's `jaxseq/native/rnn_cpu.cc` or
+"""A/B of two builds of jaxseq's native kernels in one process: the repo's `jaxseq/kernels/cpu/rnn_cpu.cc` or
 `attention_cpu.cc` (A) against a variant of that source or extra compiler flags (B), the two jitted
 steps timed alternately.
 
@@ -30,11 +30,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import timed_rounds  # noqa: E402
-from jaxseq import native  # noqa: E402
 from jaxseq.cells import GRU, LSTM  # noqa: E402
-from jaxseq.native_gru import gru_sequence_native  # noqa: E402
-from jaxseq.native_attention import native_attention  # noqa: E402
-from jaxseq.native_lstm import lstm_sequence_native  # noqa: E402
+from jaxseq.kernels import cpu as native  # noqa: E402
+from jaxseq.kernels.cpu.attention import native_attention  # noqa: E402
+from jaxseq.kernels.cpu.rnn import gru_sequence_native, lstm_sequence_native  # noqa: E402
 
 
 def register_variant(source: Path, replaces: str, flags: list[str], prefix: str = "variant") -> None:

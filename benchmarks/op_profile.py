@@ -16,7 +16,7 @@ adds overhead (a few %); compare within one run, never against the untraced benc
 
     python benchmarks/op_profile.py lstm --hidden 256        # jaxseq's fused LSTM, train step
     python benchmarks/op_profile.py gru --hidden 512
-    python benchmarks/op_profile.py attention --length 1024  # jaxseq.flash_attention (JAX), fwd + bwd
+    python benchmarks/op_profile.py attention --length 1024  # jaxseq.kernels.flash_attention (JAX), fwd + bwd
                                                              # (the native kernel is one op to the profiler)
     python benchmarks/op_profile.py gpt                      # GPT train step, d 256 / ctx 256 / batch 16
     python benchmarks/op_profile.py gpt --json out.json      # also write the tables as JSON
@@ -69,7 +69,7 @@ def rnn_case(kind: str, args):
 
 
 def attention_case(args):
-    from jaxseq.flash_attention import flash_attention
+    from jaxseq.kernels.flash_attention import flash_attention
 
     B, T, H, d = args.batch, args.length, args.heads, args.head_dim
     q, k, v, g = (jax.random.normal(jax.random.key(i), (B, T, H, d)) for i in range(4))

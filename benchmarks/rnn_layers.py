@@ -3,18 +3,18 @@
 One layer, batch 32, length 128, input 128, hidden 64 / 256 / 512, float32, on this machine's CPU.
 
   * jaxseq:          `jaxseq.unroll(LSTM|GRU(...), params, xs)`: the fused whole-sequence form
-                     (`jaxseq.fused_rnn`, hand-written backward pass); on CPU jaxseq's native kernels
-                     when they are built (`jaxseq.native_lstm` / `native_gru`), the LSTM on GPU cuDNN.
+                     (`jaxseq.kernels.fused_rnn`, hand-written backward pass); on CPU jaxseq's native
+                     kernels when they are built (`jaxseq.kernels.cpu.rnn`), the LSTM on GPU cuDNN.
   * jaxseq-scan:     the same cell through the reference path, `lax.scan` of `cell.step` with
-                     JAX's autodiff (`jaxseq.scan._lax_scan_cell`, what `unroll` ran before).
+                     JAX's autodiff (`unroll(..., kernels="reference")`).
   * flax-*:          `flax.linen.RNN(OptimizedLSTMCell | LSTMCell | GRUCell)`.
   * torch:           `torch.nn.LSTM` / `torch.nn.GRU` (batch_first, CPU, oneDNN where PyTorch uses
                      it), eager, `torch.set_num_threads` left at its default unless --threads is given.
   * jaxseq-fused:    jaxseq's fused recurrence in XLA, without the dispatch that the `jaxseq` row
-                     goes through: jaxseq's native kernels on CPU (`jaxseq.native_lstm` /
-                     `native_gru`; the row is there when they are built), cuDNN for the LSTM on a GPU.
+                     goes through: jaxseq's native kernels on CPU (`jaxseq.kernels.cpu.rnn`; the row
+                     is there when they are built), cuDNN for the LSTM on a GPU.
   * GPU only (LSTM): `jax-experimental-rnn`, JAX's cuDNN LSTM (`rnn.lstm` on jaxseq's packed
-                     weights, `jaxseq.cudnn_lstm.lstm_cudnn`).
+                     weights, `jaxseq.kernels.cudnn_lstm.lstm_cudnn`).
 
 Modes: `train` = forward + backward of loss = sum(outputs * W) with W a fixed random [B, T, H]
 array, gradients of every parameter and of the input; `infer` = forward only (torch under
@@ -78,8 +78,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxseq  # noqa: E402
-from jaxseq import native  # noqa: E402
-from jaxseq.scan import _lax_scan_cell  # noqa: E402
+from jaxseq.kernels import cpu as native  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_name, jax_peak_mb, measure_peak, timed_rounds, torch_device, torch_peak_mb  # noqa: E402
@@ -118,23 +117,17 @@ def make_jaxseq(kind, hidden, xs, w, mode, fused):
     d_in = xs.shape[-1]
     cell = jaxseq.LSTM(d_in, hidden) if kind == "lstm" else jaxseq.GRU(d_in, hidden)
     params = cell.init(jax.random.key(0))
-    if fused:
-        def apply(p, x):
-            return jaxseq.unroll(cell, p, x)[0]
-    else:
-        def apply(p, x):
-            b, t = x.shape[:2]
-            mask, resets = jnp.ones((b, t), bool), jnp.zeros((b, t), bool)  # what unroll passes
-            return _lax_scan_cell(cell, p, x, mask, cell.initial_carry((b,), x.dtype), resets, 1)[0]
+    kernels = "auto" if fused else "reference"
+
+    def apply(p, x):
+        return jaxseq.unroll(cell, p, x, kernels=kernels)[0]
     return _jax_case(apply, params, xs, w, mode)
 
 
 def make_undispatched(kind, hidden, xs, w, mode, cudnn):
     """jax.experimental.rnn's cuDNN LSTM (cudnn=True, GPU) or jaxseq's fused XLA path without the dispatch."""
-    from jax.experimental import rnn
-
-    from jaxseq.cudnn_lstm import lstm_cudnn
-    from jaxseq.fused_rnn import gru_sequence, lstm_sequence
+    from jaxseq.kernels.cudnn_lstm import lstm_cudnn
+    from jaxseq.kernels.fused_rnn import gru_sequence, lstm_sequence
 
     cell = (jaxseq.LSTM if kind == "lstm" else jaxseq.GRU)(xs.shape[-1], hidden)
     params = cell.init(jax.random.key(0))
@@ -143,7 +136,7 @@ def make_undispatched(kind, hidden, xs, w, mode, cudnn):
         b, t = x.shape[:2]
         mask, carry0 = jnp.ones((b, t), bool), cell.initial_carry((b,), x.dtype)
         if cudnn:
-            return lstm_cudnn(p, x, mask, carry0, kernel=rnn.lstm)[0]
+            return lstm_cudnn(p, x, mask, carry0)[0]
         xla = lstm_sequence if kind == "lstm" else gru_sequence
         return xla(p, x, mask, carry0, jnp.zeros((b, t), bool))[0]
 

@@ -17,6 +17,9 @@ U(-1/sqrt(H), 1/sqrt(H)) for every tensor.
 Combinators take cells and return cells: `Stack` (layers, optional residual
 connections and dropout between layers) and `Bidirectional` (which can be unrolled
 but not stepped: its backward half needs the future).
+
+`step` is each cell's definition; faster whole-sequence forms of the same math live in
+`jaxseq.kernels` and `jaxseq.unroll` chooses among them (this module imports none).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ at hidden 256: 47.9k -> 38.7k tokens/s), although a bare loop of their per-step 
 choice is made per model: a model class that sets `batched_matmuls = True` (the Transformers) gets
 YNNPACK dots, others keep XLA's own. (XLA's default already runs single, unbatched matmuls in YNNPACK; adding those and its
 reductions to the list lost for attention, 22k against 35k tokens/s at length 1024.)
-Since the native attention kernel (`jaxseq.native_attention`) took attention's per-head matmuls out of
+Since the native attention kernel (`jaxseq.kernels.cpu.attention`) took attention's per-head matmuls out of
 XLA on a single-device CPU, the GPT step runs 1-3% faster with XLA's own dots, which is inside the
 noise (benchmarks/README.md, GPT attempt 12). The choice stands, for the programs where attention
 still runs in XLA (sharded steps, other dtypes, head sizes the kernel does not take).
