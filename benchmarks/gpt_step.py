@@ -4,7 +4,7 @@ nanoGPT's char-level Shakespeare config shrunk to CPU size (4 layers, 4 heads, d
 context 64, batch 12, vocab 65, no dropout, tied embeddings, learned positions, tanh GELU). One step =
 forward, cross-entropy, backward, AdamW update, on random tokens (speed does not depend on the data).
 
-  * jaxseq:       `jaxseq.train.make_train_step(lm_loss_fn(model), adamw)` jitted with the state
+  * jaxseq:       `jaxseq.steps.make_train_step(lm_loss_fn(model), adamw)` jitted with the state
                   donated and jaxseq's compile options: the step `jaxseq train` runs (padding mask,
                   non-finite guard, grad norm; YNNPACK dots on CPU).
   * flax-plain:   the same TransformerLM in a hand-written jit of loss + grad + optax.adamw (no mask,
@@ -53,7 +53,7 @@ from jaxseq.config import TransformerConfig  # noqa: E402
 from jaxseq.losses import lm_loss_fn  # noqa: E402
 from jaxseq.malloc import keep_freed_memory  # noqa: E402
 from jaxseq.models.transformer import TransformerLM  # noqa: E402
-from jaxseq.train import init_train_state, make_train_step  # noqa: E402
+from jaxseq.steps import init_train_state, make_train_step  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -129,7 +129,7 @@ def make_jax_step(model, optimizer):
 
 
 def make_jaxseq_step(model, optimizer, compute_dtype=None):
-    """jaxseq's own train step (`jaxseq.train.make_train_step` + `lm_loss_fn`), as `jaxseq train` runs it:
+    """jaxseq's own train step (`jaxseq.steps.make_train_step` + `lm_loss_fn`), as `jaxseq train` runs it:
     padding mask, non-finite guard, grad norm and metrics included, compiled with the same options
     (`jaxseq.xla_options.compiler_options`: YNNPACK dots on CPU)."""
     step = jax.jit(make_train_step(lm_loss_fn(model, compute_dtype=compute_dtype), optimizer), donate_argnums=0,

@@ -87,7 +87,7 @@ def gpt_case(args):
     from gpt_step import make_jaxseq_step
     from jaxseq.config import TransformerConfig
     from jaxseq.models.transformer import TransformerLM
-    from jaxseq.train import init_train_state
+    from jaxseq.steps import init_train_state
 
     cfg = TransformerConfig(num_layers=args.layers, num_heads=args.heads, d_model=args.d_model,
                             d_ff=4 * args.d_model, max_len=args.context, dropout=0.0)  # fmt: skip
