@@ -1,13 +1,15 @@
 """Losses for sequence models: masked next-token negative log-likelihood.
 
     loss_fn = lm_loss_fn(model)
-    loss, aux = loss_fn(params, batch, rng)     # rng=None: deterministic (no dropout)
+    loss, sums = loss_fn(params, batch, rng)    # rng=None: deterministic (no dropout)
 
 Sums and counts are returned separately so that evaluation can average over many
 batches exactly (sum of sums / sum of counts), not as a mean of means.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +36,22 @@ def cast_floating(tree, dtype):
     return jax.tree.map(cast, tree)
 
 
-def lm_loss_fn(model, *, compute_dtype=None):
-    """The mean masked next-token loss of a linen LM under the model protocol.
+def lm_loss(model, variables, batch, rng=None):
+    """The mean masked next-token loss (nats) of a linen LM under the model protocol, and its sums.
 
-    Returns `loss_fn(params, batch, rng) -> (mean_loss, aux)` with batch = {"inputs", "targets", "mask"}
-    and aux = {"sum_nll", "num_tokens"}. `rng=None` runs deterministically (evaluation); otherwise
-    `rng` is the dropout key. A batch with no valid token gives loss 0 (mean over max(count, 1)),
-    never 0/0.
+    batch = {"inputs", "targets", "mask"}; rng None runs deterministically (evaluation), otherwise it is
+    the dropout key. Returns (loss, {"count": valid targets, "sum_loss": summed nats, "sum_bits"}). A
+    batch with no valid token gives loss 0 (mean over max(count, 1)), never 0/0.
+    """
+    rngs = None if rng is None else {"dropout": rng}
+    logits = model.apply(variables, batch["inputs"], mask=batch["mask"], deterministic=rng is None, rngs=rngs)
+    sum_nll, count = token_nll(logits, batch["targets"], batch["mask"])
+    loss = sum_nll / jnp.maximum(count, 1).astype(jnp.float32)
+    return loss, {"count": count, "sum_loss": sum_nll, "sum_bits": sum_nll / math.log(2)}
+
+
+def lm_loss_fn(model, *, compute_dtype=None):
+    """`loss_fn(params, batch, rng) -> (loss, sums)`: `lm_loss` over a linen LM's params, for `make_train_step`.
 
     compute_dtype (e.g. jnp.bfloat16): mixed precision. The (float32) params are cast to it inside the
     loss, so embeddings, cells and matmuls run in it while the gradients come back float32 (the cast's
@@ -49,14 +60,8 @@ def lm_loss_fn(model, *, compute_dtype=None):
     """
 
     def loss_fn(params, batch, rng: jax.Array | None = None):
-        rngs = None if rng is None else {"dropout": rng}
         if compute_dtype is not None:
             params = cast_floating(params, compute_dtype)
-        logits = model.apply(
-            {"params": params}, batch["inputs"], mask=batch["mask"], deterministic=rng is None, rngs=rngs
-        )
-        sum_nll, count = token_nll(logits, batch["targets"], batch["mask"])
-        loss = sum_nll / jnp.maximum(count, 1).astype(jnp.float32)
-        return loss, {"sum_nll": sum_nll, "num_tokens": count}
+        return lm_loss(model, {"params": params}, batch, rng)
 
     return loss_fn

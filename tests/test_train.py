@@ -13,20 +13,15 @@ import numpy as np
 import pytest
 
 import jaxseq.data
-from jaxseq.checkpoint import CheckpointManager, load_run
-from jaxseq.config import DataConfig, OptimConfig, RNNConfig, TrainConfig
+from jaxseq.checkpoint import CheckpointManager
+from jaxseq.config import OptimConfig, RNNConfig, TrainConfig
 from jaxseq.data import CharTokenizer, DataBundle
 from jaxseq.errors import ConfigError, NonFiniteError
 from jaxseq.losses import lm_loss_fn, token_nll
-from jaxseq.train import (
-    evaluate,
-    init_train_state,
-    make_eval_step,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-    train,
-)
+from jaxseq.run import load_run
+from jaxseq.steps import init_train_state, make_optimizer, make_schedule, make_train_step
+from jaxseq.tasks import CharLM
+from jaxseq.train import train
 
 
 class TinyLM(nn.Module):
@@ -56,7 +51,7 @@ def cyclic_bundle(vocab: int = 8, stride: int = 3, n: int = 2000) -> DataBundle:
 
 def tiny_config(tmp_path, name="run", **kw) -> TrainConfig:
     defaults = dict(
-        data=DataConfig(seq_len=16, batch_size=4),
+        char_lm=CharLM(seq_len=16, batch_size=4),
         optim=OptimConfig(lr=1e-2, warmup_steps=2),
         steps=8, eval_every=4, eval_batches=2, checkpoint_every=4, progress=False, run_dir=str(tmp_path / name),
     )
@@ -104,7 +99,7 @@ def test_empty_batch_loss_is_zero_not_nan():
     params = model.init(jax.random.key(0), tokens)["params"]
     batch = {"inputs": tokens, "targets": tokens, "mask": np.zeros((2, 4), bool)}
     (loss, aux), grads = jax.jit(jax.value_and_grad(lambda p: lm_loss_fn(model)(p, batch, None), has_aux=True))(params)
-    assert float(loss) == 0.0 and int(aux["num_tokens"]) == 0
+    assert float(loss) == 0.0 and int(aux["count"]) == 0
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
 
 
@@ -143,7 +138,7 @@ def test_pulse_two_steps():
     assert int(new.step) == 2 and int(new.nonfinite_count) == 0
     assert np.isfinite(float(m1["loss"])) and np.isfinite(float(m2["loss"]))
     assert float(m2["loss"]) < float(m1["loss"])
-    assert int(m1["tokens"]) == 4 * 16 and int(m1["nonfinite"]) == 0
+    assert int(m1["count"]) == 4 * 16 and int(m1["nonfinite"]) == 0
     np.testing.assert_allclose([float(m1["lr"]), float(m2["lr"])], [1e-2 / 3, 2e-2 / 3], rtol=1e-6)
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params))]
     assert all(changed)
@@ -194,12 +189,13 @@ def test_nonfinite_step_leaves_params_and_opt_state_bitwise_unchanged():
 def test_eval_matches_manual_mean():
     data = cyclic_bundle()
     model = TinyLM(vocab_size=data.tokenizer.vocab_size)
+    task = CharLM(seq_len=16, batch_size=5)
     batches = jaxseq.data.eval_batches(data.val_ids, batch_size=5, seq_len=16, max_batches=3)
     params = model.init(jax.random.key(1), batches[0]["inputs"])["params"]
-    res = evaluate(make_eval_step(model), params, batches)
+    res = task.evaluate(model, {"params": params}, data, max_batches=3)
     sums = [token_nll(model.apply({"params": params}, b["inputs"]), b["targets"], b["mask"]) for b in batches]
     expect = sum(float(s) for s, _ in sums) / sum(int(n) for _, n in sums)
-    assert res["tokens"] == sum(int(b["mask"].sum()) for b in batches)
+    assert res["count"] == sum(int(b["mask"].sum()) for b in batches)
     np.testing.assert_allclose(res["loss"], expect, rtol=1e-6)
     np.testing.assert_allclose(res["bits"], expect / np.log(2), rtol=1e-6)
 
@@ -211,12 +207,12 @@ def test_learns_deterministic_sequence(tmp_path):
     data = cyclic_bundle()
     model = TinyLM(vocab_size=data.tokenizer.vocab_size)
     config = tiny_config(tmp_path, steps=120, eval_every=60, checkpoint_every=60, optim=OptimConfig(lr=3e-2, warmup_steps=5))
-    out = train(config, model=model, data=data)
+    out = train(None, model, config, data=data)
     # The next character is a function of this one, so a bigram model can reach ~0 nats (uniform: ln 8 = 2.08).
-    assert out["val_loss"] < 0.05, out
-    assert out["steps"] == 120 and out["val_bits"] == pytest.approx(out["val_loss"] / np.log(2))
+    assert out["val"]["loss"] < 0.05, out
+    assert out["steps"] == 120 and out["val"]["bits"] == pytest.approx(out["val"]["loss"] / np.log(2))
     val = read_metrics(config.run_dir, "val")
-    assert sorted(val) == [60, 120] and val[120]["loss"] == out["val_loss"]
+    assert sorted(val) == [60, 120] and val[120]["loss"] == out["val"]["loss"]
     assert sorted(read_metrics(config.run_dir)) == list(range(1, 121))
     saved = json.load(open(tmp_path / "run" / "config.json"))
     assert saved["steps"] == 120 and saved["optim"]["lr"] == 3e-2
@@ -236,29 +232,29 @@ def uninterrupted(tmp_path_factory):
     data = cyclic_bundle()
     model = TinyLM(vocab_size=data.tokenizer.vocab_size, dropout=0.2)
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    return data, model, tmp / "full", train(tiny_config(tmp, "full", optim=RESUME_OPTIM), model=model, data=data)
+    return data, model, tmp / "full", train(None, model, tiny_config(tmp, "full", optim=RESUME_OPTIM), data=data)
 
 
 def test_resume_continues_bit_for_bit(tmp_path, uninterrupted):
     """A run of 4 steps, then a resumed run to 8: the losses after step 4 equal the uninterrupted run's."""
     data, model, full_dir, full = uninterrupted
-    train(tiny_config(tmp_path, "split", optim=RESUME_OPTIM, steps=4), model=model, data=data)
-    resumed = train(tiny_config(tmp_path, "split", optim=RESUME_OPTIM, resume=True), model=model, data=data)
+    train(None, model, tiny_config(tmp_path, "split", optim=RESUME_OPTIM, steps=4), data=data)
+    resumed = train(None, model, tiny_config(tmp_path, "split", optim=RESUME_OPTIM, resume=True), data=data)
     a, b = read_metrics(full_dir), read_metrics(tmp_path / "split")
     assert sorted(b) == list(range(1, 9))
     for s in range(5, 9):
         assert a[s]["loss"] == b[s]["loss"] and a[s]["grad_norm"] == b[s]["grad_norm"], s
-    assert resumed["val_loss"] == full["val_loss"]
+    assert resumed["val"] == full["val"]
 
 
 def test_resume_drops_the_lost_runs_lines_and_a_torn_last_line(tmp_path, uninterrupted):
     """A run killed after its step-4 checkpoint logged steps 5-6 and half a line: resume replaces them."""
     data, model, full_dir, _ = uninterrupted
-    train(tiny_config(tmp_path, "torn", optim=RESUME_OPTIM, steps=4), model=model, data=data)
+    train(None, model, tiny_config(tmp_path, "torn", optim=RESUME_OPTIM, steps=4), data=data)
     metrics = tmp_path / "torn" / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"step": 5, "split": "train", "loss": 123.0}\n{"step": 6, "split": "train", "loss": 1')
-    train(tiny_config(tmp_path, "torn", optim=RESUME_OPTIM, resume=True), model=model, data=data)
+    train(None, model, tiny_config(tmp_path, "torn", optim=RESUME_OPTIM, resume=True), data=data)
     lines = [json.loads(ln) for ln in metrics.read_text().splitlines()]  # every line parses again
     steps = [r["step"] for r in lines if r["split"] == "train"]
     assert steps == list(range(1, 9))
@@ -281,16 +277,16 @@ def test_sigterm_saves_exits_143_and_resumes_bit_for_bit(tmp_path, monkeypatch, 
     config = tiny_config(tmp_path, "killed", optim=optim, checkpoint_every=100, eval_every=100)
     monkeypatch.setattr(jaxseq.data, "lm_batch", lm_batch_with_sigterm)
     with pytest.raises(SystemExit) as exc:
-        train(config, model=model, data=data)
+        train(None, model, config, data=data)
     monkeypatch.setattr(jaxseq.data, "lm_batch", real_lm_batch)
     assert exc.value.code == 143
     assert signal.getsignal(signal.SIGTERM) is before
     with CheckpointManager(config.run_dir, config=config, read_only=True) as ckpt:
         assert ckpt.all_steps() == [5]
-    resumed = train(tiny_config(tmp_path, "killed", optim=optim, resume=True), model=model, data=data)
+    resumed = train(None, model, tiny_config(tmp_path, "killed", optim=optim, resume=True), data=data)
     a, b = read_metrics(full_dir), read_metrics(tmp_path / "killed")
     assert all(a[s]["loss"] == b[s]["loss"] for s in range(1, 9))
-    assert resumed["val_loss"] == full["val_loss"]
+    assert resumed["val"] == full["val"]
 
 
 def test_nonfinite_steps_in_a_row_raise_naming_the_step(tmp_path):
@@ -298,7 +294,7 @@ def test_nonfinite_steps_in_a_row_raise_naming_the_step(tmp_path):
     model = TinyLM(vocab_size=data.tokenizer.vocab_size, poison=True)
     config = tiny_config(tmp_path, max_nonfinite_steps=3, checkpoint_every=1)
     with pytest.raises(NonFiniteError, match=r"step 3: .*3 steps in a row"):
-        train(config, model=model, data=data)
+        train(None, model, config, data=data)
     with CheckpointManager(config.run_dir, config=config, read_only=True) as ckpt:
         assert ckpt.all_steps() == [1, 2]  # no checkpoint was written for the failing step
 
@@ -306,16 +302,16 @@ def test_nonfinite_steps_in_a_row_raise_naming_the_step(tmp_path):
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     data = cyclic_bundle()
     model = TinyLM(vocab_size=data.tokenizer.vocab_size)
-    train(tiny_config(tmp_path, steps=2), model=model, data=data)
+    train(None, model, tiny_config(tmp_path, steps=2), data=data)
     with pytest.raises(ConfigError, match="--resume"):
-        train(tiny_config(tmp_path, steps=2), model=model, data=data)
+        train(None, model, tiny_config(tmp_path, steps=2), data=data)
 
 
 def test_time_limit_stops_with_checkpoint_and_eval(tmp_path):
     data = cyclic_bundle()
     model = TinyLM(vocab_size=data.tokenizer.vocab_size)
-    out = train(tiny_config(tmp_path, steps=10_000, time_limit_s=1e-9), model=model, data=data)
-    assert out["stopped"] == "time_limit" and out["steps"] == 1 and np.isfinite(out["val_loss"])
+    out = train(None, model, tiny_config(tmp_path, steps=10_000, time_limit_s=1e-9), data=data)
+    assert out["stopped"] == "time_limit" and out["steps"] == 1 and np.isfinite(out["val"]["loss"])
     assert sorted(read_metrics(tmp_path / "run", "val")) == [1]
     with CheckpointManager(tmp_path / "run", config=None, read_only=True) as ckpt:
         assert ckpt.all_steps() == [1]
@@ -326,13 +322,15 @@ def test_end_to_end_lstm_on_a_text_file(tmp_path):
     text_file = tmp_path / "tiny.txt"
     text_file.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     config = TrainConfig(
-        model="lstm", rnn=RNNConfig(d_embed=8, d_hidden=16), data=DataConfig(source=str(text_file), seq_len=16, batch_size=4),
+        model="lstm", rnn=RNNConfig(d_embed=8, d_hidden=16), char_lm=CharLM(source=str(text_file), seq_len=16, batch_size=4),
         steps=2, eval_every=2, eval_batches=2, checkpoint_every=2, progress=False, run_dir=str(tmp_path / "run"),
     )
-    out = train(config)
-    assert out["steps"] == 2 and np.isfinite(out["val_loss"]) and out["val_loss"] < np.log(28) + 0.5
-    loaded_config, tok, params = load_run(tmp_path / "run")
-    assert loaded_config == config and tok.vocab_size == len(set(text_file.read_text()))
+    out = train(None, None, config)
+    assert out["steps"] == 2 and np.isfinite(out["val"]["loss"]) and out["val"]["loss"] < np.log(28) + 0.5
+    run = load_run(tmp_path / "run")
+    tok, params = run.task.prepare_tokenizer(tmp_path / "run"), run.variables["params"]
+    assert run.config == config and tok.vocab_size == len(set(text_file.read_text()))
+    assert run.spec == {"interface": "lm", "vocab_size": tok.vocab_size}
     with CheckpointManager(tmp_path / "run", config=config, read_only=True) as ckpt:
         meta = ckpt.read_meta(2)
     assert meta["data_position"] == 2 and meta["step"] == 2
@@ -346,13 +344,56 @@ def test_count_model_is_fitted_not_trained_and_resumes_from_its_checkpoint(tmp_p
     data = cyclic_bundle()
     model = NGramLM(vocab_size=data.tokenizer.vocab_size, order=2)
     config = tiny_config(tmp_path, model="ngram", ngram=NGramConfig(order=2))
-    out = train(config, model=model, data=data)
+    out = train(None, model, config, data=data)
     # A bigram sees the rule exactly; only add-k smoothing and the unigram share keep the loss above 0.
-    assert out["steps"] == 0 and out["val_loss"] < 0.05
+    assert out["steps"] == 0 and out["val"]["loss"] < 0.05
     with CheckpointManager(config.run_dir, config=config, read_only=True) as ckpt:
         assert ckpt.all_steps() == [0]
     # Resume with other training text: the restored tables (data-dependent shapes) are used, not refitted.
     rng = np.random.default_rng(0)
     other = data._replace(train_ids=rng.integers(0, data.tokenizer.vocab_size, len(data.train_ids)).astype(np.int32))
-    again = train(tiny_config(tmp_path, model="ngram", ngram=NGramConfig(order=2), resume=True), model=model, data=other)
-    assert again["val_loss"] == out["val_loss"]
+    again = train(None, model, tiny_config(tmp_path, model="ngram", ngram=NGramConfig(order=2), resume=True), data=other)
+    assert again["val"] == out["val"]
+
+
+# -- kernels: the policy is part of the run, the implementations chosen are checked on resume ------------
+
+
+def rnn_config(tmp_path, name, **kw):
+    return tiny_config(tmp_path, name, model="lstm", rnn=RNNConfig(d_embed=8, d_hidden=16), **kw)
+
+
+def test_start_reports_the_implementations_and_saves_them(tmp_path, capsys):
+    data = cyclic_bundle()
+    config = rnn_config(tmp_path, "run", steps=2, eval_every=2, checkpoint_every=2)
+    train(None, None, config, data=data)
+    assert "kernels: recurrence=fused-xla (--kernels auto)" in capsys.readouterr().out
+    with CheckpointManager(config.run_dir, config=config, read_only=True) as ckpt:
+        meta = ckpt.read_meta(2)
+    assert meta["implementations"] == {"recurrence": "fused-xla"} and meta["architecture"]["kernels"] == "auto"
+    train(None, None, rnn_config(tmp_path, "ref", steps=2, eval_every=2, checkpoint_every=2, kernels="reference"),
+          data=data)
+    assert "kernels: recurrence=reference (--kernels reference)" in capsys.readouterr().out
+
+
+def test_resume_with_another_kernels_policy_is_refused(tmp_path):
+    from jaxseq.errors import CheckpointError
+
+    data = cyclic_bundle()
+    train(None, None, rnn_config(tmp_path, "run", steps=2, eval_every=2, checkpoint_every=2), data=data)
+    with pytest.raises(CheckpointError, match=r"kernels: checkpoint 'auto', config 'reference'"):
+        train(None, None, rnn_config(tmp_path, "run", steps=4, kernels="reference", resume=True), data=data)
+
+
+def test_resume_warns_when_this_machine_chooses_another_implementation(tmp_path, monkeypatch):
+    """A machine without the fused path (simulated: its table entry removed) resumes on the reference path."""
+    from jaxseq.kernels import dispatch
+
+    data = cyclic_bundle()
+    train(None, None, rnn_config(tmp_path, "run", steps=2, eval_every=2, checkpoint_every=2), data=data)
+    without_fused = tuple(e for e in dispatch.TABLES["recurrence"] if e.name != "fused-xla")
+    monkeypatch.setitem(dispatch.TABLES, "recurrence", without_fused)
+    with pytest.warns(UserWarning, match=r"trained with kernels \{'recurrence': 'fused-xla'\} but this machine "
+                                         r"chooses \{'recurrence': 'reference'\}"):
+        out = train(None, None, rnn_config(tmp_path, "run", steps=4, resume=True), data=data)
+    assert out["steps"] == 4

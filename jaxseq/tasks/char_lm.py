@@ -8,7 +8,6 @@ Batches are random windows, a pure function of (seed, index) (`jaxseq.data.lm_ba
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseq.losses import token_nll
+from jaxseq.losses import lm_loss
 from jaxseq.tasks.common import evaluate_sums
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -79,11 +78,7 @@ class CharLM:
 
     def loss(self, model, variables, batch, rng=None):
         """Mean next-token NLL (nats) over valid targets; sums: count (tokens), sum_loss, sum_bits."""
-        rngs = None if rng is None else {"dropout": rng}
-        logits = model.apply(variables, batch["inputs"], mask=batch["mask"], deterministic=rng is None, rngs=rngs)
-        sum_nll, count = token_nll(logits, batch["targets"], batch["mask"])
-        loss = sum_nll / jnp.maximum(count, 1).astype(jnp.float32)  # a batch with no target gives 0, not 0/0
-        return loss, {"count": count, "sum_loss": sum_nll, "sum_bits": sum_nll / math.log(2)}
+        return lm_loss(model, variables, batch, rng)
 
     def evaluate(self, model, variables, data, max_batches: int = 1 << 30) -> dict:
         """Validation loss over the whole held-out text (or `max_batches`): {"loss", "bits", "count"}."""
