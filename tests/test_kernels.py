@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxseq
 from jaxseq.attention import attention
 from jaxseq.cells import GRU, LSTM, Elman, stack
 from jaxseq.errors import ConfigError
@@ -250,3 +251,40 @@ def test_recurrent_module_passes_the_policy():
     variables = module.init(jax.random.key(0), xs)
     assert explain(lambda v: module.apply(v, xs), variables) == {"recurrence": "reference"}
     assert isinstance(module, nn.Module)
+
+
+def test_no_import_cycles_in_jaxseq():
+    """Top-level and function-level imports between jaxseq's modules form no cycle (a module's implicit
+    import of its parent package is not an edge: it runs first and cannot close a loop by itself)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(jaxseq.__file__).resolve().parents[1]
+    mods = {}
+    for p in (root / "jaxseq").rglob("*.py"):
+        parts = list(p.relative_to(root).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for n in names:
+                while n and n not in mods:
+                    n = n.rpartition(".")[0]
+                if n and n != m:
+                    graph[m].add(n)
+
+    def reaches(start, goal, seen):
+        return any(n == goal or (n not in seen and not seen.add(n) and reaches(n, goal, seen)) for n in graph[start])
+
+    assert not [m for m in graph if reaches(m, m, set())]
+    # The cores ask the tables; cells and models import no backend.
+    assert graph["jaxseq.scan"] & {m for m in mods if m.startswith("jaxseq.kernels")} == {"jaxseq.kernels.dispatch"}
+    for m in ("jaxseq.cells", "jaxseq.linear_cells", "jaxseq.nn", "jaxseq.models.transformer", "jaxseq.models.encdec",
+              "jaxseq.models.rnn_lm"):
+        assert not any(n.startswith("jaxseq.kernels") for n in graph[m]), m
