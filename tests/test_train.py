@@ -397,3 +397,35 @@ def test_resume_warns_when_this_machine_chooses_another_implementation(tmp_path,
                                          r"chooses \{'recurrence': 'reference'\}"):
         out = train(None, None, rnn_config(tmp_path, "run", steps=4, resume=True), data=data)
     assert out["steps"] == 4
+
+
+def read_tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TFRecord event files under `folder` (record: u64 length, u32 crc, data, u32 crc)."""
+    import struct
+    from pathlib import Path
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict = {}
+    for path in sorted(Path(folder).glob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        pos = 0
+        while pos < len(raw):
+            (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+            event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_metrics_also_go_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboardX")
+    data = cyclic_bundle()
+    config = tiny_config(tmp_path, steps=4, eval_every=2, checkpoint_every=4)
+    train(None, TinyLM(vocab_size=data.tokenizer.vocab_size), config, data=data)
+    scalars = read_tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    lines = read_metrics(config.run_dir)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [lines[s]["loss"] for s in range(1, 5)], rtol=1e-6)
+    assert [s for s, _ in scalars["val/bits"]] == [2, 4] and [s for s, _ in scalars["report/bits"]] == [4]
