@@ -32,7 +32,7 @@ from jaxseq import checkpoint as C
 from jaxseq.config import TrainConfig, TransformerConfig
 from jaxseq.fingerprints import fingerprints
 from jaxseq.models import build_model
-from jaxseq.train import init_train_state, make_optimizer
+from jaxseq.steps import init_train_state, make_optimizer
 
 CONFIGS = {
     "lstm-default": TrainConfig(),
@@ -41,12 +41,12 @@ CONFIGS = {
 }
 
 
-def random_state(config: TrainConfig, vocab_size: int):
-    model = build_model(config, vocab_size)
+def random_state(config: TrainConfig, spec: dict):
+    model = build_model(config, spec)
     opt = make_optimizer(config.optim, config.steps)
 
     def init():
-        tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+        tokens = jnp.zeros((1, config.char_lm.seq_len), jnp.int32)
         return init_train_state(model.init(jax.random.key(0), tokens)["params"], opt)
 
     abstract = jax.eval_shape(init)
@@ -60,8 +60,8 @@ def random_state(config: TrainConfig, vocab_size: int):
     return jax.block_until_ready(state), n_params, n_bytes
 
 
-def measure(name: str, config: TrainConfig, vocab_size: int, repeats: int) -> dict:
-    state, n_params, n_bytes = random_state(config, vocab_size)
+def measure(name: str, config: TrainConfig, spec: dict, repeats: int) -> dict:
+    state, n_params, n_bytes = random_state(config, spec)
     with tempfile.TemporaryDirectory() as tmp, C.CheckpointManager(tmp, keep=2, config=config) as ckpt:
         blocking, writes = [], []
         for step in range(1, repeats + 2):
@@ -95,11 +95,10 @@ def main():
     ap.add_argument("--models", default=",".join(CONFIGS))
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    from jaxseq.data import prepare_data
-
-    vocab_size = prepare_data(TrainConfig().data).tokenizer.vocab_size  # the default corpus's vocabulary
+    task = TrainConfig().char_lm
+    spec = task.model_spec(task.prepare())  # the default corpus's vocabulary
     for name in args.models.split(","):
-        print(json.dumps(measure(name, CONFIGS[name], vocab_size, args.repeats)), flush=True)
+        print(json.dumps(measure(name, CONFIGS[name], spec, args.repeats)), flush=True)
 
 
 if __name__ == "__main__":

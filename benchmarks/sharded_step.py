@@ -1,6 +1,6 @@
 """One train step of `jaxseq train`'s LSTM and TransformerLM on 1 and on 8 (fake) CPU devices.
 
-The step is `jaxseq.train.make_sharded_step`, exactly what `train()` jits: state created sharded, batch
+The step is `jaxseq.steps.make_sharded_step` over the char-LM task's loss, exactly what `train()` jits: state created sharded, batch
 split over the mesh, state donated. Models, batch (32 x 128) and data (the stdlib corpus) are the
 `jaxseq train` defaults; only --model, --mesh.* and --compute-dtype vary:
 
@@ -49,25 +49,33 @@ def worker(devices: int, steps: int, models: list[str]) -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
+    import jax.numpy as jnp
+
     from jaxseq.config import MeshConfig, TrainConfig
-    from jaxseq.data import lm_batch, prepare_data
     from jaxseq.models import build_model
     from jaxseq.sharding import make_mesh, shard_batch
-    from jaxseq.train import _compute_dtype, _with_compute_dtype, make_optimizer, make_sharded_step
+    from jaxseq.steps import make_optimizer, make_sharded_step
+    from jaxseq.train import _bound_loss, _compute_dtype, _with_compute_dtype
+    from jaxseq.xla_options import compiler_options
 
     assert len(jax.devices()) == devices, (jax.devices(), devices)
-    bundle = prepare_data(TrainConfig().data)
+    bundle = TrainConfig().char_lm.prepare()
     for kind in models:
         for name, data_axis, fsdp_axis, dtype_name in CASES[devices]:
             config = TrainConfig(model=kind, mesh=MeshConfig(data=data_axis, fsdp=fsdp_axis), compute_dtype=dtype_name)
-            dc = config.data
+            dc = task = config.char_lm
             mesh = make_mesh(config.mesh)
             dtype = _compute_dtype(config)
-            model = _with_compute_dtype(build_model(config, bundle.tokenizer.vocab_size), dtype)
-            sharded = make_sharded_step(model, make_optimizer(config.optim, config.steps), mesh, seq_len=dc.seq_len,
-                                        seed=config.seed, compute_dtype=dtype)
-            batches = [shard_batch(lm_batch(bundle.train_ids, batch_size=dc.batch_size, seq_len=dc.seq_len,
-                                            seed=0, index=i), mesh) for i in range(4)]
+            model = _with_compute_dtype(build_model(config, task.model_spec(bundle)), dtype)
+            init_inputs = task.example_inputs(bundle)
+
+            def init_params(model=model, shape=init_inputs.shape, dt=init_inputs.dtype, seed=config.seed):
+                return model.init(jax.random.key(seed), jnp.zeros(shape, dt))["params"]
+
+            sharded = make_sharded_step(_bound_loss(task, model, dtype), init_params,
+                                        make_optimizer(config.optim, config.steps), mesh, seed=config.seed,
+                                        compiler_options=compiler_options(model, config.cpu_dots))
+            batches = [shard_batch(task.batch(bundle, "train", i, 0), mesh) for i in range(4)]
             load_before = os.getloadavg()[0]
             state = sharded.init()
             t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """The lecture's comparison: n-gram / additive / RNN / LSTM / GRU (/ Transformer) on one corpus, one split.
 
 Each model is trained with the defaults of `jaxseq train` (plus any overrides below) and
-evaluated on the same held-out windows; the table gives validation loss in nats and bits per
-character and the wall time of each run.
+evaluated on the same held-out text: the task's final report (`CharLM.evaluate`, the whole validation
+split, `val_tokens` tokens); the table gives validation loss in nats and bits per character and the
+wall time of each run.
 
     python experiments/compare_models.py --source ../shared/data/tinyshakespeare.txt \
         --models ngram additive rnn lstm gru --out benchmarks/results/cpu-compare.jsonl
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import tyro
 
-from jaxseq.config import DataConfig, TrainConfig
+from jaxseq.config import TrainConfig
 from jaxseq.train import train
 
 
@@ -44,17 +45,18 @@ def run_one(args: Args, model: str) -> dict:
     config = dataclasses.replace(
         args.base,
         model=model,
-        data=dataclasses.replace(args.base.data, source=args.source),
+        char_lm=dataclasses.replace(args.base.char_lm, source=args.source),
         run_dir=str(Path(args.run_root) / model),
         time_limit_s=args.time_limit_s,
         steps=args.steps or args.base.steps,
         progress=False,
     )
     t0 = time.perf_counter()
-    summary = train(config)
-    return {"model": model, "source": args.source, "val_loss": summary["val_loss"], "val_bits": summary["val_bits"],
-            "steps": summary["steps"], "wall_s": round(time.perf_counter() - t0, 1),
-            "tokens_per_s": summary["tokens_per_s"], "stopped": summary["stopped"]}
+    summary = train(None, None, config)
+    report = summary["report"]  # the whole validation split, the same for every model (counted or trained)
+    return {"model": model, "source": args.source, "val_loss": report["loss"], "val_bits": report["bits"],
+            "val_tokens": report["count"], "steps": summary["steps"], "wall_s": round(time.perf_counter() - t0, 1),
+            "tokens_per_s": summary["items_per_s"], "stopped": summary["stopped"]}
 
 
 def main(args: Args) -> list[dict]:

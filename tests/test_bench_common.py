@@ -1,5 +1,5 @@
 """benchmarks/_common.py: the peak memory each benchmark row reports (JAX: XLA's plan; torch: its allocator),
-the timing rounds, and the datasheet peaks that MFU is taken against on a GPU."""
+and the timing rounds."""
 
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import datasheet_peak_gflops, jax_peak_mb, timed_rounds, torch_peak_mb  # noqa: E402
+from _common import jax_peak_mb, timed_rounds, torch_peak_mb  # noqa: E402
 
 MiB = 2**20
 
@@ -51,18 +51,3 @@ def test_timed_rounds_interleaves_and_times_only_the_call_after_its_own():
     (times,) = timed_rounds(calls, rounds=2, clocks=(lambda: len(log),), lead_in=1)
     assert log == ["a", "a", "b", "b"] * 2  # each timed call right after an untimed one of its own
     assert times == {"a": [1, 1], "b": [1, 1]}  # a window holds exactly one call
-
-
-@pytest.mark.parametrize(
-    "kind, dtype, gflops",
-    [
-        ("NVIDIA H100 80GB HBM3", "bfloat16", 989_400.0),
-        ("NVIDIA H100 PCIe", "bfloat16", 756_000.0),  # not the SXM part's peak
-        ("NVIDIA H200", "float32", 494_700.0),
-        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312_000.0),
-        ("cpu", "float32", None),
-        ("NVIDIA GeForce RTX 4090", "bfloat16", None),
-    ],
-)
-def test_datasheet_peak_by_device_kind(kind, dtype, gflops):
-    assert datasheet_peak_gflops(kind, dtype) == gflops

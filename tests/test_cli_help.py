@@ -26,12 +26,32 @@ def test_train_help_describes_each_option_once(capsys, monkeypatch):
     assert out.count("Pseudo-count added at every order") == 1
     for flag, words in [("--steps", "Optimizer steps"), ("--seed", "Seed of the initialisation"),
                         ("--run-dir", "Where checkpoints"), ("--resume", "Continue the run"),
-                        ("--data.text-column", "column that holds the text"),
+                        ("--char-lm.text-column", "column that holds the text"),
+                        ("--char-lm.batch-size", "Sequences per step"), ("--task", "What to learn"),
+                        ("--kernels", "Which implementations"),
                         ("--ngram.order", "longest context"), ("--optim.grad-clip", "global norm")]:
-        # A wide terminal may set two columns of options side by side: look at each column's cell.
-        cells = [cell for row in out.splitlines() for cell in row.split("││")]
-        cell = next(c for c in cells if re.search(re.escape(flag) + r"[ ,]", c))
-        assert words in cell, (flag, cell)
+        assert words in _description(out, flag), (flag, _description(out, flag))
+
+
+def _description(out: str, flag: str) -> str:
+    """The description next to `flag`, or right below it (where tyro puts it after a long flag and metavar)."""
+    rows = out.splitlines()
+    for r, row in enumerate(rows):
+        for m in re.finditer(re.escape(flag) + r"(?:, --\S+)?(?: (?:[A-Z_|]+|\{[^}]*\})(?=\s|$))?[ ,]", row):
+            here = _cell(row[m.end():])
+            if here:
+                return here
+            below = rows[r + 1][m.start():] if r + 1 < len(rows) else ""
+            assert not below.strip().startswith("--"), (flag, row, below)  # no description of its own
+            return _cell(below)
+    raise AssertionError(f"{flag} is not in the help")
+
+
+def _cell(text: str) -> str:
+    """The description that starts `text` (after at most 30 blanks of alignment; a wide terminal may set a
+    second column of options beside the first, farther away), up to a box border or that column's gap."""
+    m = re.match(r"[ ]{0,30}([^ │].*?)(?=[ ]{3,}|│|$)", text)
+    return m.group(1) if m else ""
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])

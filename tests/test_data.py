@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseq.config import DataConfig
 from jaxseq.data import (
     CharTokenizer,
     build_stdlib_text,
@@ -24,6 +23,7 @@ from jaxseq.data import (
 )
 from jaxseq.data import corpus as corpus_mod
 from jaxseq.errors import ConfigError, DataError, ShapeError, TokenRangeError
+from jaxseq.tasks import CharLM
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def test_jsonl_csv_parquet_with_text_column(tmp_path, spy_load_dataset):
     f = tmp_path / "docs.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert load_text(str(f), text_column="body") == "alpha\nbeta\ngamma"
-    with pytest.raises(DataError, match=r"no column 'text'.*body"):
+    with pytest.raises(DataError, match=r"no column 'text'.*body.*--char-lm\.text-column"):
         load_text(str(f))
     with pytest.raises(DataError, match="holds int values"):
         load_text(str(f), text_column="id")
@@ -403,7 +403,7 @@ def test_prepare_data_builds_and_reuses_a_tokenizer(tmp_path):
     f = tmp_path / "c.txt"
     text = "abcdefghij" * 20
     f.write_text(text, encoding="utf-8")
-    cfg = DataConfig(source=str(f), val_fraction=0.2, seq_len=8, batch_size=4)
+    cfg = CharLM(source=str(f), val_fraction=0.2, seq_len=8, batch_size=4)
     bundle = prepare_data(cfg)
     assert bundle.tokenizer.vocab_size == 10
     assert (len(bundle.train_ids), len(bundle.val_ids)) == (160, 40)
@@ -414,5 +414,5 @@ def test_prepare_data_builds_and_reuses_a_tokenizer(tmp_path):
     assert resumed.tokenizer is bigger
     assert bigger.decode(resumed.val_ids) == text[-40:]
 
-    with pytest.raises(DataError, match=r"saved tokenizer.*'i', 'j'.*resumed run"):
+    with pytest.raises(DataError, match=r"saved tokenizer.*'i', 'j'.*resumed run.*--char-lm\.source"):
         prepare_data(cfg, tokenizer=CharTokenizer.from_text("abcdefgh"))

@@ -20,6 +20,7 @@ def _impls(path: Path) -> set[str]:
     return {json.loads(line)["impl"] for line in path.read_text().splitlines() if '"impl"' in line}
 
 
+@pytest.mark.slow  # every stage of the suite, benchmarks included, end to end: minutes on 2 cores
 @pytest.mark.skipif(not os.path.exists("/usr/bin/timeout"), reason="needs coreutils' timeout")
 def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     pytest.importorskip("torch")

@@ -264,13 +264,15 @@ def test_bad_configs_and_shapes_raise():
 
 # --------------------------------------------------------------------------- stacks and models
 
+LM_SPEC = {"interface": "lm", "vocab_size": 11}  # what CharLM.model_spec gives for an 11-character vocabulary
+
 
 def test_build_model_kinds():
     for kind, cls in [("mingru", MinGRU), ("minlstm", MinLSTM), ("lru", LRU)]:
-        model = build_model(TrainConfig(model=kind, rnn=RNNConfig(d_embed=8, d_hidden=12)), vocab_size=11)
+        model = build_model(TrainConfig(model=kind, rnn=RNNConfig(d_embed=8, d_hidden=12)), LM_SPEC)
         assert isinstance(model, RecurrentLM) and type(model.cell) is cls
         stacked = build_model(TrainConfig(model=kind, rnn=RNNConfig(d_embed=8, d_hidden=12, num_layers=3,
-                                                                    residual=True)), vocab_size=11).cell
+                                                                    residual=True)), LM_SPEC).cell
         assert len(stacked.cells) == 3 and stacked.residual and all(c.norm for c in stacked.cells)
         assert stacked.d_out == (8 if kind == "lru" else 12)
 
@@ -283,7 +285,7 @@ def test_build_model_step_matches_apply(kind):
     checked against stepping the stack.
     """
     config = TrainConfig(model=kind, rnn=RNNConfig(d_embed=8, d_hidden=12, num_layers=2, residual=True))
-    model = build_model(config, vocab_size=11)
+    model = build_model(config, LM_SPEC)
     tokens = jax.random.randint(jax.random.key(11), (2, 7), 0, 11)
     mask = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
     variables = jax.jit(model.init)(jax.random.key(12), tokens[:, :1])  # params do not depend on T

@@ -206,7 +206,7 @@ def test_from_config_and_build_model():
     from jaxseq.models import build_model
 
     cfg = TransformerConfig(num_layers=1, num_heads=2, d_model=16, d_ff=32, max_len=8, positional="rope", num_kv_heads=1)
-    model = build_model(TrainConfig(model="transformer", transformer=cfg), vocab_size=7)
+    model = build_model(TrainConfig(model="transformer", transformer=cfg), {"interface": "lm", "vocab_size": 7})
     assert isinstance(model, TransformerLM)
     assert (model.vocab_size, model.num_layers, model.num_heads, model.d_model, model.num_kv_heads) == (7, 1, 2, 16, 1)
     assert model.positional == "rope" and model.max_len == 8

@@ -12,7 +12,9 @@ from jaxseq.errors import ConfigError
 from jaxseq.models.rnn_lm import RecurrentLM
 from jaxseq.models.transformer import TransformerLM
 from jaxseq.sharding import make_mesh
-from jaxseq.train import make_optimizer, make_sharded_step
+from jaxseq.kernels import explain
+from jaxseq.steps import make_optimizer, make_sharded_step
+from jaxseq.tasks import CharLM
 from jaxseq.xla_options import YNN_DOTS, compiler_options, ynn_dots_available
 
 requires_ynn = pytest.mark.skipif(not ynn_dots_available(), reason="this XLA has no YNNPACK dot option")
@@ -39,12 +41,24 @@ def test_unknown_choice_names_the_argument():
 def test_train_steps_with_and_without_ynn_dots_agree():
     """Three AdamW steps of a Transformer (attention through the blockwise path, so its batched matmuls
     run in YNNPACK) give the same losses and parameters to float32 rounding either way."""
-    model = TransformerLM(vocab_size=17, num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=512)
+    model = TransformerLM(vocab_size=17, num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=512,
+                          attention_implementation="flash")
     tokens = jax.random.randint(jax.random.key(1), (2, 257), 0, 17)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": jnp.ones((2, 256), bool)}
+    task = CharLM(seq_len=256, batch_size=2)
+
+    def loss_fn(params, batch, rng):
+        return task.loss(model, {"params": params}, batch, rng)
+
+    def init_params():
+        return model.init(jax.random.key(0), jnp.zeros((1, 256), jnp.int32))["params"]
+
+    abstract = jax.eval_shape(init_params)
+    assert explain(lambda p, b: loss_fn(p, b, None)[0], abstract, batch) == {"attention": "flash-jax"}  # batched matmuls in XLA
     runs = {}
     for choice in ("ynn", "xla"):
-        sharded = make_sharded_step(model, make_optimizer(OptimConfig(), 10), make_mesh(), seq_len=256, cpu_dots=choice)
+        sharded = make_sharded_step(loss_fn, init_params, make_optimizer(OptimConfig(), 10), make_mesh(),
+                                    compiler_options=compiler_options(model, choice))
         state, losses = sharded.init(), []
         for _ in range(3):
             state, metrics = sharded.step(state, batch)
