@@ -100,19 +100,7 @@ def train(task=None, model=None, config: TrainConfig | None = None, *, data=None
         if lead:
             print("kernels: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "none dispatched") +
                   f" (--kernels {config.kernels})", flush=True)
-        start, state = 0, None
-        if resuming:  # restored straight into this mesh's shardings, whatever mesh saved it
-            state, meta = ckpt.restore(sharded.abstract)
-            start = int(meta["data_position"])
-            _warn_if_implementations_differ(meta, used, start)
-            log.truncate(start)  # drop lines logged after the checkpoint by the lost run
-            if lead:
-                print(f"resumed {run_dir} from step {start}", flush=True)
-        else:
-            state = sharded.init()
-            log.reset()
-            if lead:
-                task.save(data, run_dir)
+        state, start = _restore_or_init(ckpt, sharded, resuming, used, log, lambda: task.save(data, run_dir))
         if lead:
             write_run_files(run_dir, config, spec)
         eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None)[1], mesh=mesh,
@@ -191,6 +179,24 @@ class _Loop:
                   f"{128 + self.stop.signum}", flush=True)
         return state, {"steps": step, "train_loss": m.get("loss"), "val": val, "items_per_s": items_per_s,
                        "stopped": stopped, "run_dir": str(self.c.run_dir)}
+
+
+def _restore_or_init(ckpt, sharded, resuming: bool, used: dict, log, save_task_files):
+    """(state, first step): the newest good checkpoint, read straight into this mesh's shardings, or a fresh
+    state. On resume, metrics logged after that checkpoint by the lost run are dropped."""
+    lead = jax.process_index() == 0
+    if not resuming:
+        log.reset()
+        if lead:
+            save_task_files()
+        return sharded.init(), 0
+    state, meta = ckpt.restore(sharded.abstract)
+    start = int(meta["data_position"])
+    _warn_if_implementations_differ(meta, used, start)
+    log.truncate(start)
+    if lead:
+        print(f"resumed {ckpt.run_dir} from step {start}", flush=True)
+    return state, start
 
 
 def _fit_count_model(task, model, data, config, ckpt, log, resuming, spec, t_start) -> dict:
