@@ -23,7 +23,6 @@ from pathlib import Path
 import tyro
 
 from jaxseq.config import RNNConfig, TrainConfig
-from jaxseq.tasks import MNIST1D
 from jaxseq.train import train
 
 PAPER = {"plain": {"logistic": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0.91},

@@ -43,12 +43,12 @@ import weakref
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxseq import checkpoint_checks as checks
 from jaxseq import fingerprints as fp
-from jaxseq.config import TrainConfig, architecture, architecture_hash, from_dict, to_dict
+from jaxseq.config import TrainConfig, architecture, architecture_hash, to_dict
 from jaxseq.errors import CheckpointError
 
 # Orbax writes these into a step directory only when the step is committed.
@@ -280,16 +280,16 @@ class CheckpointManager:
         for s in steps:
             try:
                 meta = self.read_meta(s)
-                stored = _stored_leaves(self._mngr.item_metadata(s)["state"])
-                saved_fps = _saved_fingerprints(meta)
+                stored = checks.stored_leaves(self._mngr.item_metadata(s)["state"])
+                saved_fps = checks.saved_fingerprints(meta)
             except Exception as e:  # unreadable metadata: a corrupt step
                 failures.append(self._give_up_on(s, e))
                 continue
             # A mismatch is not corruption: every step of this run would fail the same way, so stop here.
             self._check_architecture(meta, s)
             self._warn_dtype_changes(meta, s)
-            target = _with_stored_shapes(template_state, stored) if shapes_from_checkpoint else template_state
-            _check_leaves(stored, target, s)
+            target = checks.with_stored_shapes(template_state, stored) if shapes_from_checkpoint else template_state
+            checks.check_leaves(stored, target, s)
             try:
                 restored = self._mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
                 bad = fp.mismatches(restored, saved_fps)
@@ -337,7 +337,7 @@ class CheckpointManager:
         if self.config is None:
             return
         ours, theirs = architecture(self.config), meta.get("architecture", {})
-        diffs = _dict_diff(theirs, ours)
+        diffs = checks.dict_diff(theirs, ours)
         if diffs:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} has another architecture; differing field(s): "
@@ -350,7 +350,7 @@ class CheckpointManager:
         but the run then no longer repeats the original bit for bit: never silently."""
         if self.config is None or "config" not in meta:
             return
-        diffs = [d for d in _dict_diff(meta["config"], to_dict(self.config)) if "dtype" in d[0].rsplit(".", 1)[-1]]
+        diffs = [d for d in checks.dict_diff(meta["config"], to_dict(self.config)) if "dtype" in d[0].rsplit(".", 1)[-1]]
         if diffs:
             warnings.warn(
                 f"checkpoint step {step} was trained with another dtype setting: "
@@ -400,13 +400,6 @@ def _unusable_steps(directory: Path) -> list[tuple[int, str]]:
     return out
 
 
-def _saved_fingerprints(meta: dict) -> dict:
-    if meta.get("fingerprint_method") != fp.METHOD or not isinstance(meta.get("fingerprints"), dict):
-        raise CheckpointError(f"the metadata has no fingerprints of method {fp.METHOD!r} (got "
-                              f"{meta.get('fingerprint_method')!r}), so its arrays cannot be verified")
-    return meta["fingerprints"]
-
-
 def _close_at_exit(mngr, where: str) -> None:
     """weakref.finalize callback of a CheckpointManager that was never closed (it holds no reference to it)."""
     try:
@@ -421,57 +414,3 @@ def _close_at_exit(mngr, where: str) -> None:
             pass
 
 
-def _stored_leaves(tree_metadata) -> dict:
-    tree = getattr(tree_metadata, "tree", tree_metadata)
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_path_str(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves}
-
-
-def _with_stored_shapes(template, stored: dict):
-    """`template` with every leaf that the checkpoint holds replaced by ShapeDtypeStruct(stored shape, template dtype)."""
-
-    def leaf(path, x):
-        key = _path_str(path)
-        return jax.ShapeDtypeStruct(stored[key][0], x.dtype) if key in stored else x
-
-    return jax.tree_util.tree_map_with_path(leaf, template)
-
-
-def _check_leaves(stored: dict, template, step: int) -> None:
-    """Every template leaf must be stored with the same shape and dtype, and nothing else stored."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(template)
-    expected = {_path_str(p): (tuple(np.shape(x)), np.dtype(x.dtype)) for p, x in leaves}
-    problems = []
-    for path, (shape, dtype) in expected.items():
-        if path not in stored:
-            problems.append(f"{path}: missing from the checkpoint")
-        elif stored[path] != (shape, dtype):
-            s_shape, s_dtype = stored[path]
-            problems.append(f"{path}: checkpoint {s_dtype}{list(s_shape)}, model {dtype}{list(shape)}")
-    problems += [f"{path}: in the checkpoint but not in the model" for path in stored if path not in expected]
-    if problems:
-        shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} in all)" if len(problems) > 10 else "")
-        raise CheckpointError(
-            f"checkpoint step {step} does not fit the freshly initialised state: {shown}. The vocabulary "
-            f"(tokenizer/corpus) or the model code changed since it was saved; resume with the run's data and "
-            f"config, or start a new run_dir."
-        )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def _dict_diff(a: dict, b: dict) -> list[tuple[str, object, object]]:
-    fa, fb = _flatten(a), _flatten(b)
-    missing = object()
-    diffs = []
-    for k in sorted(set(fa) | set(fb)):
-        va, vb = fa.get(k, missing), fb.get(k, missing)
-        if va != vb:
-            diffs.append((k, "(absent)" if va is missing else va, "(absent)" if vb is missing else vb))
-    return diffs
