@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of the "Fast recurrences" issue, as one prepared run for a GPU
-# machine lent for minutes: correctness first (tests/test_gpu.py: cuDNN LSTM, cuDNN attention,
+# The GPU checks and benchmarks of the "Fast recurrences" issue, as one prepared run of at most
+# about 9 minutes on a GPU machine: correctness first (tests/test_gpu.py: cuDNN LSTM, cuDNN attention,
 # `jaxseq train` learning and resuming), then the figures the issue asks for, most wanted first:
 #   1. GPT-2 small train step in bfloat16: MFU against the datasheet peak (target >= 50%), vs PyTorch;
 #   2. causal attention, bfloat16, length 256..4096: jaxseq (cuDNN) vs PyTorch SDPA on CUDA;
@@ -8,15 +8,15 @@
 #      jax.experimental.rnn, Flax, PyTorch nn.LSTM (cuDNN);
 #   4. the GPT step at the Transformer issue's size (4 layers, d 256, context 256), float32.
 #
-#   OUT=/some/dir bash benchmarks/gpu_suite.sh            # on the GPU machine (the device tool sets OUT)
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh            # on the GPU machine; results go under OUT
 #   GPU_SUITE_SMOKE=1 OUT=/tmp/x bash benchmarks/gpu_suite.sh   # tiny sizes, any backend: checks the plumbing
 #
 # Needs only what a CUDA JAX + PyTorch image has (jax, flax, optax, orbax, torch, pytest): jaxseq is
 # imported from this checkout, and nothing here uses tyro or datasets. Each stage gets what is left
 # of GPU_SUITE_BUDGET_S (default 520 s) up to its own cap, so a slow stage cannot starve the rest of
-# the run beyond its cap, and the whole run ends inside one 600 s device call. What comes back under
+# the run beyond its cap, and the whole run ends within 600 s. What it leaves under
 # $OUT: suite.log (everything printed), tests.log, and the JSON lines of each stage; plots are redrawn
-# here from those (`--replot`), since a device call returns at most 8 files.
+# elsewhere from those (`--replot`), so that only a few small files need to be copied back.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-run}

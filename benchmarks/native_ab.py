@@ -2,7 +2,7 @@
 `attention_cpu.cc` (A) against a variant of that source or extra compiler flags (B), the two jitted
 steps timed alternately.
 
-How RNN attempt 27's and attention attempt 17's build comparisons in benchmarks/README.md were made
+How the native kernels' build comparisons in benchmarks/README.md ("Measurement history") are made
 (tanh without a division, 2 MB pages, 12-row tiles, -march=native, the attention's thread split, ...): a
 change to a kernel is kept only if B beats A here.
 
@@ -12,7 +12,7 @@ change to a kernel is kept only if B beats A here.
 
 Run it once without --variant and --flags (A against an identical B) to see the noise: on the 2-core
 CPU, 0.985x-1.025x at hidden 256 (LSTM and GRU training), but 0.85x at hidden 128 (GRU), where the
-steps are short; attempt 27's comparisons were made at 256 and 512.
+steps are short; the RNN kernels' comparisons were made at 256 and 512.
 """
 
 from __future__ import annotations

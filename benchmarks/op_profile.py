@@ -1,4 +1,4 @@
-"""Where a jitted step's time goes, per XLA op: the profile behind benchmarks/README.md's attempts.
+"""Where a jitted step's time goes, per XLA op: the profile behind benchmarks/README.md's measurement history.
 
 Runs one of the benchmark cases under `jax.profiler` (XLA:CPU's thunk runtime records one trace event
 per executed op, loop bodies included), then prints for the last of `--steps` traced steps:
@@ -282,7 +282,7 @@ def main(argv=None):
     jax.block_until_ready(fn(*fn_args))
     untraced_ms = (time.perf_counter() - t) * 1e3
     # Minor page faults of that step: fresh pages of buffers mapped anew on every call (benchmarks/README.md,
-    # RNN attempts 20-21); they show up as slow first ops in the timeline.
+    # "Measurement history"); they show up as slow first ops in the timeline.
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     rep = summarize(trace_events(fn, fn_args, args.steps), matmul_flops(hlo), args.top, custom_call_targets(hlo))
     rep.update(case=args.case, title=title, untraced_step_ms=round(untraced_ms, 1), page_faults=faults,

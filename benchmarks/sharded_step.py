@@ -20,7 +20,7 @@ LSTM 1 device 13.0k, bfloat16 compute 2.1k (XLA:CPU has no fast bf16 matmul: use
 [4, 512] @ [512, 2048] matmul per step, 8 at once on 2 cores; under FSDP XLA partitions the loop along
 the gate axis instead, which suits this CPU better. Transformer: 8.4k (1 device), 7.2k bf16, 10.4k DP-8
 (eight small per-device programs keep both cores busier than one), 5.2k FSDP-8 (all-gathers of every
-layer). Losses agree across all rows. (The founding session's figures, at load 14-19, were ~5x lower.)
+layer). Losses agree across all rows. (Runs at load 14-19 gave figures ~5x lower.)
 
     python benchmarks/sharded_step.py                 # writes results/cpu-sharding.jsonl
     python benchmarks/sharded_step.py --steps 5 --no-write

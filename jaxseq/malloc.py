@@ -4,7 +4,7 @@ Why: XLA:CPU allocates a step's buffers afresh on every call. Under glibc's defa
 (and all of them on XLA's worker threads, whose malloc arenas hold at most 64 MB) are mapped anew each
 time and returned to the OS when freed, so every page is faulted in and zeroed again on every step: at
 the GPT train step of benchmarks/gpt_step.py (d 256, context 256, batch 16) that was ~71k page faults,
-~280 MB, ~100 ms of a ~790 ms step (benchmarks/README.md, GPT attempt 14). With one arena, a 1 GB
+~280 MB, ~100 ms of a ~790 ms step (benchmarks/README.md, "Measurement history"). With one arena, a 1 GB
 mmap threshold and a 2 GB trim threshold, the heap keeps what a step frees and the next step reuses it:
 no faults after the first few steps (glibc still maps a buffer afresh now and then).
 

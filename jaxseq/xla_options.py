@@ -3,7 +3,7 @@
 Why: XLA:CPU (jax 0.10) runs a batched matmul, an einsum with a batch axis such as attention's per-head
 q k^T and p v, on one thread, inside loops and out, whatever the batch. Its experimental YNNPACK dot
 fusion runs the same matmuls on every core. Measured on the 2-core CPU (benchmarks/README.md,
-"Attempts"): a loop of per-head attention matmuls runs 2.9x faster, and the GPT train step at d 256 /
+"Measurement history"): a loop of per-head attention matmuls runs 2.9x faster, and the GPT train step at d 256 /
 context 256 runs 1.46x faster. The fused recurrences lose with it as a whole (the LSTM's training step
 at hidden 256: 47.9k -> 38.7k tokens/s), although a bare loop of their per-step matmul gains. So the
 choice is made per model: a model class that sets `batched_matmuls = True` (the Transformers) gets
@@ -11,7 +11,7 @@ YNNPACK dots, others keep XLA's own. (XLA's default already runs single, unbatch
 reductions to the list lost for attention, 22k against 35k tokens/s at length 1024.)
 Since the native attention kernel (`jaxseq.kernels.cpu.attention`) took attention's per-head matmuls out of
 XLA on a single-device CPU, the GPT step runs 1-3% faster with XLA's own dots, which is inside the
-noise (benchmarks/README.md, GPT attempt 12). The choice stands, for the programs where attention
+noise (benchmarks/README.md, "Measurement history"). The choice stands, for the programs where attention
 still runs in XLA (sharded steps, other dtypes, head sizes the kernel does not take).
 
 The option goes to `jax.jit(..., compiler_options=...)`, so it applies to that one program and

@@ -1,8 +1,8 @@
-"""benchmarks/gpu_suite.sh, the prepared run for a lent GPU machine, in its smoke mode on this backend.
+"""benchmarks/gpu_suite.sh, the prepared run for a GPU machine, in its smoke mode on this backend.
 
-A GPU is lent to few sessions and for minutes, so the script must work the first time it meets one:
+A GPU run is short and unattended, so the script must work the first time it meets one:
 this runs every stage at tiny sizes (the GPU tests skip themselves off a GPU) and checks that each
-stage exits cleanly and leaves the JSON lines of every competitor where the device call collects them.
+stage exits cleanly and leaves the JSON lines of every competitor under $OUT, where they are collected.
 """
 
 import json

@@ -141,7 +141,7 @@ class AttentionCall(NamedTuple):
 # 512, non-causal 1.0x at 256 and 1.7x at 512, slower below 256). On GPU cuDNN stays the choice.
 FLASH_MIN_LEN = 256
 # The native kernel is taken on a single-device CPU from this many queries and keys on (see
-# NATIVE_MIN_LEN's measurement in benchmarks/README.md, attention attempt 17).
+# the native kernel's entry under "Measurement history", causal attention, in benchmarks/README.md).
 NATIVE_MIN_LEN = 64
 
 

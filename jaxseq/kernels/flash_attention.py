@@ -183,7 +183,7 @@ def _row_max(s):
 
     Why not jnp.max alone: XLA:CPU rewrites the row max of a [c, R, K] score block into a reduce-window
     and a reduce, which took ~215 us of a ~1.5 ms block-pair step ([32, 128, 128], 2-core CPU); the
-    halvings fuse into one vectorised loop (~36 us; benchmarks/README.md, attention attempt 11). Exact:
+    halvings fuse into one vectorised loop (~36 us; benchmarks/README.md, "Measurement history"). Exact:
     max does not depend on the order.
     (The same trick for the row sum lost: that fusion then ran beside p @ v and took its second core.)
     """

@@ -2,7 +2,7 @@
 // forward and backward (Dao 2023) in float32.
 //
 // Why: jaxseq.flash_attention, the same algorithm written in JAX, ran at 0.68x-0.95x PyTorch's SDPA
-// on two cores (benchmarks/README.md, attention attempts 1-16): XLA:CPU dispatches each block pair's
+// on two cores (benchmarks/README.md, "Measurement history"): XLA:CPU dispatches each block pair's
 // ~10 ops one after another, its batched matmuls leave a core idle between them, and moving to the
 // blocked layout and back costs a fifth of the step at short lengths. Here a block pair is five
 // register-tiled matmuls whose epilogues hold the softmax, over operands packed once per head, in the

@@ -3,7 +3,7 @@
 //
 // Why: a kernel that starts threads of its own shares the cores with XLA's intra-op threads, which
 // spin for a while after each op waiting for the next one (a kernel's calls ran ~1.9x slower inside a
-// train step than alone, benchmarks/README.md, GPT attempt 16). Handed to XLA's pool,
+// train step than alone, benchmarks/README.md, "Measurement history"). Handed to XLA's pool,
 // the same work goes to those spinning threads, and starting it costs a queue push, not a thread.
 //
 // The calling thread claims units too and the helpers only claim what is left, so a call finishes even

@@ -3,7 +3,7 @@
 //
 // Why: in XLA:CPU each step of jaxseq's fused loop is ~12 ops that XLA dispatches one after another,
 // with the per-step matmul handed to a library and its second thread joining late; the loops ran at
-// ~245 us a step against ~105 us for oneDNN's (benchmarks/README.md, RNN attempts 15-26). Here each
+// ~245 us a step against ~105 us for oneDNN's (benchmarks/README.md, "Measurement history"). Here each
 // step is one matmul kernel ([h_t-1 | x_t] [W_hh; W_ih]) whose epilogue is the LSTM cell, split over
 // threads by hidden units, with one barrier per step (its own std::threads, not XLA's pool: a pool
 // helper that never starts would deadlock a per-step barrier). The weight-gradient and input-gradient matmuls
