@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from jaxseq import cells as C
+from jaxseq import linear_cells as L
+from jaxseq.cells import stack
 from jaxseq.errors import ConfigError
 
 LM, CLASSIFIER = "lm", "classifier"
@@ -24,12 +27,10 @@ class ModelEntry:
     build: Callable[[Any, dict, str], Any]  # (section config, task spec, kernels policy) -> linen module
 
 
-def _recurrent(make_layer):
+def recurrent(make_layer):
     """Builder of a recurrent LM or classifier whose layers are `make_layer(d_in, rnn_config)` cells."""
 
     def build(r, spec, kernels):
-        from jaxseq.cells import stack
-
         if r.num_layers < 1:
             raise ConfigError(f"--rnn.num-layers must be >= 1, got {r.num_layers}.")
         first = make_layer(r.d_embed, r)
@@ -46,37 +47,6 @@ def _recurrent(make_layer):
                            kernels=kernels)
 
     return build
-
-
-def _linear(kind):
-    # --rnn.residual also makes each layer the papers' pre-norm block (see make_linear_cell).
-    def make_layer(d_in, r):
-        from jaxseq import linear_cells as L
-
-        block = r.residual
-        if kind == "lru":
-            return L.LRU(d_in, r.d_hidden, norm=block, glu=block)
-        return {"mingru": L.MinGRU, "minlstm": L.MinLSTM}[kind](d_in, r.d_hidden, norm=block)
-
-    return _recurrent(make_layer)
-
-
-def _elman(d_in, r):
-    from jaxseq.cells import Elman
-
-    return Elman(d_in, r.d_hidden, nonlinearity=r.nonlinearity)
-
-
-def _lstm(d_in, r):
-    from jaxseq.cells import LSTM
-
-    return LSTM(d_in, r.d_hidden)
-
-
-def _gru(d_in, r):
-    from jaxseq.cells import GRU
-
-    return GRU(d_in, r.d_hidden)
 
 
 def _transformer(t, spec, kernels):
@@ -98,16 +68,17 @@ def _additive(a, spec, kernels):
 
 
 SEQUENCE = frozenset({LM, CLASSIFIER})
+# --rnn.residual also makes each linear cell the papers' pre-norm block (see jaxseq.linear_cells).
 MODELS: dict[str, ModelEntry] = {
     "ngram": ModelEntry("ngram", frozenset({LM}), _ngram),
     "additive": ModelEntry("additive", frozenset({LM}), _additive),
-    "rnn": ModelEntry("rnn", SEQUENCE, _recurrent(_elman)),
-    "lstm": ModelEntry("rnn", SEQUENCE, _recurrent(_lstm)),
-    "gru": ModelEntry("rnn", SEQUENCE, _recurrent(_gru)),
+    "rnn": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.Elman(d, r.d_hidden, nonlinearity=r.nonlinearity))),
+    "lstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.LSTM(d, r.d_hidden))),
+    "gru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.GRU(d, r.d_hidden))),
     "transformer": ModelEntry("transformer", frozenset({LM}), _transformer),
-    "mingru": ModelEntry("rnn", SEQUENCE, _linear("mingru")),
-    "minlstm": ModelEntry("rnn", SEQUENCE, _linear("minlstm")),
-    "lru": ModelEntry("rnn", SEQUENCE, _linear("lru")),
+    "mingru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinGRU(d, r.d_hidden, norm=r.residual))),
+    "minlstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinLSTM(d, r.d_hidden, norm=r.residual))),
+    "lru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.LRU(d, r.d_hidden, norm=r.residual, glu=r.residual))),
 }
 
 
