@@ -24,7 +24,7 @@ import pytest
 
 STEPS, CUT = 6, 3  # every run trains STEPS steps; moved checkpoints are taken at step CUT
 COMMON = [
-    "--data.seq-len", "16", "--data.batch-size", "8", "--optim.lr", "1e-2", "--optim.warmup-steps", "2",
+    "--char-lm.seq-len", "16", "--char-lm.batch-size", "8", "--optim.lr", "1e-2", "--optim.warmup-steps", "2",
     "--steps", str(STEPS), "--eval-every", "100", "--eval-batches", "1", "--checkpoint-every", str(CUT),
     "--no-progress",
 ]
@@ -93,7 +93,7 @@ def _drive(spec_path: str, out_path: str, cache_dir: str) -> None:
                     shutil.rmtree(d)
         t0 = time.perf_counter()
         try:
-            train(config, data=bundle)
+            train(None, None, config, data=bundle)
             error = None
         except JaxseqError as e:
             error = f"{type(e).__name__}: {e}"
@@ -138,7 +138,7 @@ def runs(tmp_path_factory):
         scenario("lstm_fsdp", LSTM, *fsdp),
         scenario("lstm_1_to_8", LSTM, *fsdp, "--resume", copy="lstm_1"),
         scenario("bad_mesh", LSTM, "--mesh.data", "3"),
-        scenario("bad_batch", LSTM, "--mesh.data", "8", "--data.batch-size", "12"),
+        scenario("bad_batch", LSTM, "--mesh.data", "8", "--char-lm.batch-size", "12"),
     ], tmp)
     again = run_devices(1, [scenario("lstm_8_to_1", LSTM, "--resume", copy="lstm_fsdp")], tmp)
     return {**one, **eight, **again}
@@ -201,7 +201,7 @@ def test_mesh_errors_name_the_flag(runs):
     bad = runs["bad_mesh"]["error"]
     assert bad.startswith("ConfigError") and "--mesh.data" in bad and "8 available devices" in bad, bad
     bad = runs["bad_batch"]["error"]
-    assert bad.startswith("ConfigError") and "--data.batch-size" in bad and "12" in bad, bad
+    assert bad.startswith("ConfigError") and "--char-lm.batch-size 12 must be divisible" in bad, bad
     assert runs["bad_mesh"]["losses"] == {} and runs["bad_batch"]["losses"] == {}
 
 
@@ -214,21 +214,23 @@ def test_bfloat16_compute_policy(kind):
     import jax.numpy as jnp
 
     from jaxseq.config import RNNConfig, TrainConfig, TransformerConfig
-    from jaxseq.losses import lm_loss_fn
     from jaxseq.models import build_model
-    from jaxseq.train import _compute_dtype, _with_compute_dtype
+    from jaxseq.tasks import CharLM
+    from jaxseq.train import _bound_loss, _compute_dtype, _with_compute_dtype
 
     config = TrainConfig(model=kind, compute_dtype="bfloat16", rnn=RNNConfig(d_embed=16, d_hidden=32),
                          transformer=TransformerConfig(num_layers=1, num_heads=2, d_model=32, d_ff=64, max_len=16))
     vocab = 23
-    model = build_model(config, vocab)
+    model = build_model(config, {"interface": "lm", "vocab_size": vocab})
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, (4, 17)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((4, 16), bool)}
     params = model.init(jax.random.key(0), tokens[:, :-1])["params"]
     dtype = _compute_dtype(config)
-    f32 = jax.value_and_grad(lambda p: lm_loss_fn(model)(p, batch)[0])
-    mixed = jax.value_and_grad(lambda p: lm_loss_fn(_with_compute_dtype(model, dtype), compute_dtype=dtype)(p, batch)[0])
+    task = CharLM(seq_len=16, batch_size=4)
+    # the loss train() differentiates: the task's loss with the model and the compute dtype bound
+    f32 = jax.value_and_grad(lambda p: _bound_loss(task, model, None)(p, batch, None)[0])
+    mixed = jax.value_and_grad(lambda p: _bound_loss(task, _with_compute_dtype(model, dtype), dtype)(p, batch, None)[0])
     (loss32, g32), (loss16, g16) = jax.jit(f32)(params), jax.jit(mixed)(params)
     assert loss16.dtype == jnp.float32
     np.testing.assert_allclose(float(loss16), float(loss32), rtol=1e-2)
