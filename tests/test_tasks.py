@@ -140,3 +140,16 @@ def test_gru_learns_mnist1d(tmp_path):
     out = train(None, None, config)
     assert out["report"]["accuracy"] > 0.5, out["report"]
     assert out["val"]["accuracy"] == out["report"]["accuracy"]  # the last evaluation saw the whole test set
+
+
+def test_command_line_trains_and_evaluates_mnist1d(tmp_path, capsys):
+    from jaxseq.cli import main
+
+    run = str(tmp_path / "run")
+    main(["train", "--task", "mnist1d", "--model", "gru", "--rnn.d-embed", "8", "--rnn.d-hidden", "8", "--steps", "3",
+          "--eval-every", "3", "--checkpoint-every", "3", "--mnist1d.shuffle", "--run-dir", run, "--no-progress"])
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])["summary"]
+    assert "kernels: recurrence=" in out and summary["report"]["count"] == 1000
+    main(["eval", run])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary["report"]
