@@ -59,10 +59,11 @@ def _drive(spec_path: str, out_path: str, cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from jaxseq.checkpoint import CheckpointManager, _path_str
+    from jaxseq.checkpoint import CheckpointManager
     from jaxseq.config import TrainConfig
     from jaxseq.data import CharTokenizer, DataBundle
     from jaxseq.errors import JaxseqError
+    from jaxseq.fingerprints import path_str
     from jaxseq.train import train
 
     text = corpus()
@@ -76,8 +77,8 @@ def _drive(spec_path: str, out_path: str, cache_dir: str) -> None:
 
     def recording_save(self, step, state, data_position):  # the live state train() built, with its shardings
         leaves, _ = jax.tree_util.tree_flatten_with_path(state.params)
-        seen["specs"] = {_path_str(p): list(x.sharding.spec) for p, x in leaves}  # e.g. [None, "fsdp"]
-        seen["shard_shapes"] = {_path_str(p): list(x.addressable_shards[0].data.shape) for p, x in leaves}
+        seen["specs"] = {path_str(p): list(x.sharding.spec) for p, x in leaves}  # e.g. [None, "fsdp"]
+        seen["shard_shapes"] = {path_str(p): list(x.addressable_shards[0].data.shape) for p, x in leaves}
         seen["devices"] = len(jax.devices())
         return original_save(self, step, state, data_position)
 
