@@ -55,7 +55,7 @@ def worker(devices: int, steps: int, models: list[str]) -> None:
     from jaxseq.models import build_model
     from jaxseq.sharding import make_mesh, shard_batch
     from jaxseq.steps import make_optimizer, make_sharded_step
-    from jaxseq.train import _bound_loss, _compute_dtype, _with_compute_dtype
+    from jaxseq.steps import compute_dtype_of, task_loss_fn, with_compute_dtype
     from jaxseq.xla_options import compiler_options
 
     assert len(jax.devices()) == devices, (jax.devices(), devices)
@@ -65,14 +65,14 @@ def worker(devices: int, steps: int, models: list[str]) -> None:
             config = TrainConfig(model=kind, mesh=MeshConfig(data=data_axis, fsdp=fsdp_axis), compute_dtype=dtype_name)
             dc = task = config.char_lm
             mesh = make_mesh(config.mesh)
-            dtype = _compute_dtype(config)
-            model = _with_compute_dtype(build_model(config, task.model_spec(bundle)), dtype)
+            dtype = compute_dtype_of(config)
+            model = with_compute_dtype(build_model(config, task.model_spec(bundle)), dtype)
             init_inputs = task.example_inputs(bundle)
 
             def init_params(model=model, shape=init_inputs.shape, dt=init_inputs.dtype, seed=config.seed):
                 return model.init(jax.random.key(seed), jnp.zeros(shape, dt))["params"]
 
-            sharded = make_sharded_step(_bound_loss(task, model, dtype), init_params,
+            sharded = make_sharded_step(task_loss_fn(task, model, dtype), init_params,
                                         make_optimizer(config.optim, config.steps), mesh, seed=config.seed,
                                         compiler_options=compiler_options(model, config.cpu_dots))
             batches = [shard_batch(task.batch(bundle, "train", i, 0), mesh) for i in range(4)]

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxseq.config import OptimConfig
+from jaxseq.config import OptimConfig, TrainConfig
 from jaxseq.errors import ConfigError
+from jaxseq.losses import cast_floating
 from jaxseq.sharding import batch_sharding, replicated, state_shardings
 
 
@@ -182,3 +183,43 @@ def _current_lr(opt_state):
     if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
         return jnp.asarray(hyperparams["learning_rate"], jnp.float32)
     return jnp.full((), jnp.nan, jnp.float32)
+
+
+# -- a task's loss as the step's loss_fn, in the run's compute dtype ------------------------------------
+
+
+def task_loss_fn(task, model, compute_dtype=None):
+    """`loss_fn(params, batch, rng) -> (loss, sums)` for `make_train_step`: `task.loss` with `model` bound.
+
+    compute_dtype (e.g. jnp.bfloat16): the float32 params are cast inside the loss, so the forward and
+    backward pass run in it while the gradients come back float32 (the cast's transpose); build the
+    model with `with_compute_dtype` too, or modules with their own `dtype` promote back to float32.
+    """
+
+    def loss_fn(params, batch, rng):
+        if compute_dtype is not None:
+            params = cast_floating(params, compute_dtype)
+        return task.loss(model, {"params": params}, batch, rng)
+
+    return loss_fn
+
+
+def compute_dtype_of(config: TrainConfig):
+    """None for float32 (nothing to cast), else the jnp dtype of `config.compute_dtype`."""
+    if config.compute_dtype == "float32":
+        return None
+    if config.compute_dtype != "bfloat16":
+        raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}.")
+    if config.model == "lru":
+        raise ConfigError("--model lru needs --compute-dtype float32: its complex eigenvalues have no bfloat16 form.")
+    return jnp.bfloat16
+
+
+def with_compute_dtype(model, dtype):
+    """A module whose own `dtype` (compute dtype, e.g. TransformerLM's) is `dtype`; others as they are.
+
+    Modules built from cells and dtype-less Flax layers compute in their params' dtype, which the loss casts.
+    """
+    if dtype is None or not hasattr(model, "dtype"):
+        return model
+    return model.clone(dtype=dtype)

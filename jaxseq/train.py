@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 from jaxseq.checkpoint import CheckpointManager
 from jaxseq.config import TrainConfig, task_section, to_dict
 from jaxseq.errors import ConfigError, NonFiniteError
-from jaxseq.losses import cast_floating
 from jaxseq.run import MetricsLog, is_count_model, write_run_files
 from jaxseq.sharding import check_batch_divisible, make_mesh, maybe_initialize_distributed, process_rows, shard_batch
-from jaxseq.steps import TrainState, make_eval_step, make_optimizer, make_sharded_step
-from jaxseq.tasks import means, sum_over
+from jaxseq.steps import (TrainState, compute_dtype_of, make_eval_step, make_optimizer, make_sharded_step,
+                          task_loss_fn, with_compute_dtype)
+from jaxseq.tasks import evaluate_sums, means, sum_over
 from jaxseq.xla_options import compiler_options
 
 
@@ -86,9 +86,9 @@ def train(task=None, model=None, config: TrainConfig | None = None, *, data=None
         def shard(batch):
             return shard_batch({k: np.asarray(v)[rows] for k, v in batch.items()}, mesh)
 
-        compute_dtype = _compute_dtype(config)
-        model = _with_compute_dtype(model, compute_dtype)
-        loss_fn = _bound_loss(task, model, compute_dtype)
+        compute_dtype = compute_dtype_of(config)
+        model = with_compute_dtype(model, compute_dtype)
+        loss_fn = task_loss_fn(task, model, compute_dtype)
         example = task.batch(data, "train", 0, config.seed)
         init_inputs = task.example_inputs(data)  # [1, ...]: init needs shapes only
         sharded = make_sharded_step(
@@ -219,9 +219,12 @@ def _fit_count_model(task, model, data, config, ckpt, log, resuming, spec, t_sta
         ckpt.save(0, state, data_position=0)
     write_run_files(run_dir, config, spec)
     ckpt.wait_until_finished()
-    report = _report(task, model, state.params, data, log, 0)  # params: the count model's whole variables
+    # The same validation batches as a trained model's, then the task's report; params: the whole variables.
+    val = evaluate_sums(task, model, state.params, task.eval_batches(data, "val", config.eval_batches))
+    log.write({"step": 0, "split": "val", **val, "wall_s": round(time.perf_counter() - t_start, 2)})
+    report = _report(task, model, state.params, data, log, 0)
     log.close()
-    return {"steps": 0, "train_loss": None, "val": report, "report": report, "items_per_s": None,
+    return {"steps": 0, "train_loss": None, "val": val, "report": report, "items_per_s": None,
             "stopped": None, "run_dir": str(run_dir), "wall_s": time.perf_counter() - t_start}
 
 
@@ -232,17 +235,6 @@ def _report(task, model, variables, data, log, step: int) -> dict:
     if jax.process_index() == 0:
         print("report: " + json.dumps(report), flush=True)
     return report
-
-
-def _bound_loss(task, model, compute_dtype):
-    """loss_fn(params, batch, rng) of the train step: the task's loss with the model (and dtype) bound."""
-
-    def loss_fn(params, batch, rng):
-        if compute_dtype is not None:  # float32 params cast inside: gradients come back float32
-            params = cast_floating(params, compute_dtype)
-        return task.loss(model, {"params": params}, batch, rng)
-
-    return loss_fn
 
 
 def _explain(loss_fn, abstract_params, example_batch) -> dict:
@@ -291,27 +283,6 @@ class _StopSignals:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
-
-
-def _compute_dtype(config: TrainConfig):
-    """None for float32 (nothing to cast), else the jnp dtype of `config.compute_dtype`."""
-    if config.compute_dtype == "float32":
-        return None
-    if config.compute_dtype != "bfloat16":
-        raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}.")
-    if config.model == "lru":
-        raise ConfigError("--model lru needs --compute-dtype float32: its complex eigenvalues have no bfloat16 form.")
-    return jnp.bfloat16
-
-
-def _with_compute_dtype(model, dtype):
-    """A module whose own `dtype` (compute dtype, e.g. TransformerLM's) is `dtype`; others as they are.
-
-    Modules built from cells and dtype-less Flax layers compute in their params' dtype, which the loss casts.
-    """
-    if dtype is None or not hasattr(model, "dtype"):
-        return model
-    return model.clone(dtype=dtype)
 
 
 def _check_loop_config(config: TrainConfig) -> None:

@@ -65,6 +65,18 @@ def test_hand_computed_trigram():
     np.testing.assert_allclose(run_steps(model, variables, tokens), logp, atol=1e-6)
 
 
+def test_positions_whose_usable_orders_all_weigh_zero_fall_back_to_the_unigram():
+    # Lambdas (0, 0, 1) (fitted weights can zero the low orders): the first position sees one token of
+    # history, so only orders 1-2 are usable, both weighted 0. It must get the unigram, not log 0 = -inf.
+    model = NGramLM(vocab_size=3, order=3, add_k=0.5, lambdas=(0.0, 0.0, 1.0))
+    variables = model.fit_variables(np.array([0, 1, 0, 1, 1, 0, 2]))
+    tokens = jnp.array([[1, 0, 1]], jnp.int32)
+    logp = forward(model, variables, tokens)
+    np.testing.assert_allclose(np.exp(logp[0, 0]), np.array([3.5, 3.5, 1.5]) / 8.5, rtol=1e-6)
+    assert np.all(np.isfinite(np.asarray(logp)))
+    np.testing.assert_allclose(run_steps(model, variables, tokens), logp, atol=1e-6)
+
+
 @pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
 def test_normalised_and_step_agrees(order):
     V = 11

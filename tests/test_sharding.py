@@ -217,7 +217,7 @@ def test_bfloat16_compute_policy(kind):
     from jaxseq.config import RNNConfig, TrainConfig, TransformerConfig
     from jaxseq.models import build_model
     from jaxseq.tasks import CharLM
-    from jaxseq.train import _bound_loss, _compute_dtype, _with_compute_dtype
+    from jaxseq.steps import compute_dtype_of, task_loss_fn, with_compute_dtype
 
     config = TrainConfig(model=kind, compute_dtype="bfloat16", rnn=RNNConfig(d_embed=16, d_hidden=32),
                          transformer=TransformerConfig(num_layers=1, num_heads=2, d_model=32, d_ff=64, max_len=16))
@@ -227,11 +227,11 @@ def test_bfloat16_compute_policy(kind):
     tokens = rng.integers(0, vocab, (4, 17)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((4, 16), bool)}
     params = model.init(jax.random.key(0), tokens[:, :-1])["params"]
-    dtype = _compute_dtype(config)
+    dtype = compute_dtype_of(config)
     task = CharLM(seq_len=16, batch_size=4)
     # the loss train() differentiates: the task's loss with the model and the compute dtype bound
-    f32 = jax.value_and_grad(lambda p: _bound_loss(task, model, None)(p, batch, None)[0])
-    mixed = jax.value_and_grad(lambda p: _bound_loss(task, _with_compute_dtype(model, dtype), dtype)(p, batch, None)[0])
+    f32 = jax.value_and_grad(lambda p: task_loss_fn(task, model, None)(p, batch, None)[0])
+    mixed = jax.value_and_grad(lambda p: task_loss_fn(task, with_compute_dtype(model, dtype), dtype)(p, batch, None)[0])
     (loss32, g32), (loss16, g16) = jax.jit(f32)(params), jax.jit(mixed)(params)
     assert loss16.dtype == jnp.float32
     np.testing.assert_allclose(float(loss16), float(loss32), rtol=1e-2)
@@ -248,11 +248,11 @@ def test_bfloat16_compute_policy(kind):
 def test_bfloat16_refused_for_lru():
     from jaxseq.config import TrainConfig
     from jaxseq.errors import ConfigError
-    from jaxseq.train import _compute_dtype
+    from jaxseq.steps import compute_dtype_of
 
-    assert _compute_dtype(TrainConfig()) is None  # float32: nothing is cast
+    assert compute_dtype_of(TrainConfig()) is None  # float32: nothing is cast
     with pytest.raises(ConfigError, match="--compute-dtype float32"):
-        _compute_dtype(TrainConfig(model="lru", compute_dtype="bfloat16"))
+        compute_dtype_of(TrainConfig(model="lru", compute_dtype="bfloat16"))
 
 
 if __name__ == "__main__":

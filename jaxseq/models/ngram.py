@@ -276,7 +276,11 @@ def _log_probs(t: dict, history, count, V: int, add_k: float):
         comps.append(jnp.where(found[:, None], p, 1.0 / V))  # unseen context: add-k on an empty row
         usable.append(ok)
     w = t["lambdas"][None, :] * jnp.stack(usable, axis=1).astype(jnp.float32)  # [M, n]
-    w = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+    total = w.sum(axis=1, keepdims=True)
+    # Where every order this position can use has weight 0 (fitted lambdas may zero the low orders and
+    # the first positions lack the context of the high ones), the unigram alone: never a row of zeros.
+    unigram_only = (jnp.arange(n) == 0).astype(jnp.float32)[None, :]
+    w = jnp.where(total > 0, w / jnp.maximum(total, 1e-30), unigram_only)
     prob = jnp.einsum("mk,mkv->mv", w, jnp.stack(comps, axis=1))
     return jnp.log(prob).reshape(*lead, V)
 
