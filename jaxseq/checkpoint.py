@@ -55,7 +55,6 @@ from jaxseq.errors import CheckpointError
 _COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 # Where the JSON handler puts the "meta" item of a step.
 _META_FILE = Path("meta") / "metadata"
-_path_str = fp.path_str  # kept under its old name for callers
 
 
 class _MetaHandler(ocp.JsonCheckpointHandler):

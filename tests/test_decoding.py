@@ -530,7 +530,7 @@ def real_model(name, V):
     dummy = jnp.zeros((1, 4), jnp.int32)
     if name == "lstm":
         from jaxseq.cells import make_cell
-        from jaxseq.models import RecurrentLM
+        from jaxseq.models.rnn_lm import RecurrentLM
 
         model = RecurrentLM(vocab_size=V, cell=make_cell("lstm", 8, 12, num_layers=2), d_embed=8)
         return model, random_variables(model, dummy)
