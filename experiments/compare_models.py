@@ -38,17 +38,29 @@ class Args:
     time_limit_s: float = 0.0
     steps: int = 0  # 0: TrainConfig's default
     out: str = ""  # JSON-lines file to append results to
+    quick: bool = False  # seconds, tiny sizes (what tests/test_experiments.py runs); writes no results
     base: TrainConfig = field(default_factory=TrainConfig)
 
 
+def quick_base(base: TrainConfig) -> TrainConfig:
+    """Tiny sizes for every family: the pulse test's form."""
+    return dataclasses.replace(
+        base, steps=4, eval_every=4, checkpoint_every=4, eval_batches=2,
+        char_lm=dataclasses.replace(base.char_lm, seq_len=16, batch_size=4),
+        rnn=dataclasses.replace(base.rnn, d_embed=8, d_hidden=16), ngram=dataclasses.replace(base.ngram, order=3),
+        additive=dataclasses.replace(base.additive, d_embed=8),
+        transformer=dataclasses.replace(base.transformer, num_layers=1, d_model=16, d_ff=32, max_len=16))
+
+
 def run_one(args: Args, model: str) -> dict:
+    base = quick_base(args.base) if args.quick else args.base
     config = dataclasses.replace(
-        args.base,
+        base,
         model=model,
-        char_lm=dataclasses.replace(args.base.char_lm, source=args.source),
+        char_lm=dataclasses.replace(base.char_lm, source=args.source),
         run_dir=str(Path(args.run_root) / model),
         time_limit_s=args.time_limit_s,
-        steps=args.steps or args.base.steps,
+        steps=args.steps or (4 if args.quick else args.base.steps),
         progress=False,
     )
     t0 = time.perf_counter()
@@ -65,10 +77,10 @@ def main(args: Args) -> list[dict]:
         row = run_one(args, model)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if args.out:
+        if args.out and not args.quick:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print(f"\n| model | val nats/char | val bits/char | steps | wall s |\n|---|---|---|---|---|")
+    print("\n| model | val nats/char | val bits/char | steps | wall s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['val_loss']:.3f} | {r['val_bits']:.3f} | {r['steps']} | {r['wall_s']:.0f} |")
     return rows

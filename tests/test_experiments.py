@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
@@ -28,3 +29,17 @@ def test_mnist1d_order_quick(tmp_path):
         assert 0.0 <= row["test_accuracy"] <= 1.0 and row["steps"] == 20 and row["quick"]
         assert [s for s, _ in row["curve"]] == [10, 20]
     assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file
+
+
+def test_compare_models_quick(tmp_path):
+    exp = load("compare_models")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. the dog sat on the log. " * 40)
+    rows = exp.main(exp.Args(quick=True, source=str(corpus), models=("ngram", "lstm"),
+                             run_root=str(tmp_path / "runs"), out=str(tmp_path / "out.jsonl")))
+    assert [r["model"] for r in rows] == ["ngram", "lstm"]
+    uniform = float(np.log(len(set(corpus.read_text()))))
+    for row in rows:  # every model scored on the same held-out text, all of it
+        assert row["val_tokens"] == rows[0]["val_tokens"] and 0 < row["val_loss"] < uniform + 1.0, row
+    assert rows[0]["val_loss"] < 1.0  # the trigram sees this text's regularity at once
+    assert not (tmp_path / "out.jsonl").exists()
