@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseq.errors import CheckpointError, ConfigError
 from jaxseq.losses import lm_loss
 from jaxseq.tasks.common import evaluate_sums
 
@@ -94,8 +95,6 @@ class CharLM:
 
     @staticmethod
     def _tokenizer_path(run_dir) -> Path:
-        from jaxseq.errors import CheckpointError
-
         path = Path(run_dir) / TOKENIZER_FILE
         if not path.is_file():
             raise CheckpointError(f"{path} is missing; is {run_dir} a run directory written by `jaxseq train`?")
@@ -103,7 +102,5 @@ class CharLM:
 
 
 def _check_split(split: str, *allowed: str) -> None:
-    from jaxseq.errors import ConfigError
-
     if split not in allowed:
         raise ConfigError(f"split must be one of {allowed} for this task, got {split!r}.")
