@@ -106,6 +106,34 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True)
+class Seq2SeqConfig:
+    """RNN encoder-decoders: --model lstm-seq2seq (no attention), lstm-bahdanau, lstm-luong (and gru-*, rnn-*)."""
+
+    d_embed: int = 64
+    """Width of the source and target token embeddings."""
+    d_hidden: int = 256
+    """Hidden size of the decoder, and the width of the encoder's memory (split between directions)."""
+    encoder_layers: int = 1
+    """Recurrent layers of the text encoder, stacked."""
+    decoder_layers: int = 1
+    """Recurrent layers of the decoder, stacked."""
+    bidirectional: bool = True
+    """Bidirectional text encoder (each direction d_hidden / 2 wide)."""
+    d_attention: int | None = None
+    """Width of Bahdanau's scoring layer (None: d_hidden)."""
+    luong_score: Literal["general", "dot"] = "general"
+    """Luong's score: h . W m ("general") or h . m ("dot")."""
+    input_feeding: bool = True
+    """Luong's input feeding: the previous attentional vector is part of the next input."""
+    dropout: float = 0.0
+    """Dropout on embeddings and decoder outputs (and between stacked layers), in training only."""
+    cnn_channels: int = 64
+    """Channels of the image encoder's convolutions (captioning)."""
+    cnn_layers: int = 3
+    """3x3 convolutions of the image encoder; each after the first halves the grid."""
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay, gradient clipping by global norm."""
 
@@ -164,6 +192,7 @@ class TrainConfig:
     ngram: NGramConfig = field(default_factory=NGramConfig)
     additive: AdditiveConfig = field(default_factory=AdditiveConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     char_lm: CharLM = field(default_factory=CharLM)
     mnist1d: MNIST1D = field(default_factory=MNIST1D)
     optim: OptimConfig = field(default_factory=OptimConfig)

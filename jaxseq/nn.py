@@ -40,3 +40,7 @@ class Recurrent(nn.Module):
 
     def step(self, carry, x):
         return self.cell.step(self._params(), carry, x)
+
+    def memory_carry(self, memory, memory_mask=None, state=None):
+        """A cell over a memory (`jaxseq.attention_cells.AttentionCell`): its first carry, with these params."""
+        return self.cell.memory_carry(self._params(), memory, memory_mask, state)

@@ -81,18 +81,22 @@ class StepOnly:
 
 
 def reference_recurrence(cell, params, xs, mask, carry0, resets, unroll=1):
-    """The reference recurrence: `lax.scan` of `cell.step` with held carry and zero output on masked steps."""
+    """The reference recurrence: `lax.scan` of `cell.step` with held carry and zero output on masked steps.
+
+    A step's output may be a pytree of `[B, ...]` arrays (an `AttentionCell` can return its weights);
+    each leaf is stacked to `[B, T, ...]`.
+    """
     def body(carry, inputs):
         x, m, r = inputs
         carry = _select(r, carry0, carry)
         new_carry, y = cell.step(params, carry, x)
         carry = _select(m, new_carry, carry)
-        y = jnp.where(m[:, None], y, jnp.zeros_like(y))
+        y = _select(m, y, jax.tree.map(jnp.zeros_like, y))  # y may be a pytree (e.g. attention weights)
         return carry, y
 
     time_major = (jnp.swapaxes(xs, 0, 1), mask.T, resets.T)
     carry, ys = jax.lax.scan(body, carry0, time_major, unroll=unroll)
-    return jnp.swapaxes(ys, 0, 1), carry
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), ys), carry
 
 
 def _reverse_order(mask):
@@ -164,6 +168,8 @@ def unroll(cell, params, xs, *, mask=None, carry=None, resets=None, reverse: boo
     resets = jnp.zeros((batch, steps), bool) if resets is None else check_mask(resets, (batch, steps), name="resets")
     if carry is None:
         carry = cell.initial_carry((batch,), xs.dtype)
+    elif hasattr(cell, "check_carry"):  # a carry the cell builds from more than the batch (a memory)
+        cell.check_carry(carry, batch)
     else:
         expected = jax.tree.map(jnp.shape, cell.initial_carry((batch,), xs.dtype))
         got = jax.tree.map(jnp.shape, carry)

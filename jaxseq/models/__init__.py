@@ -2,7 +2,8 @@
 
 `MODELS[name]` says which TrainConfig section sizes the model, which task interfaces it serves, and
 how to build it for a task's `spec` (`Task.model_spec(data)`: {"interface": "lm", "vocab_size": V} or
-{"interface": "classifier", "num_classes": C, "d_input": D}). The CLI's `--model` choices, the
+{"interface": "classifier", "num_classes": C, "d_input": D}, or {"interface": "seq2seq", "source":
+"tokens" | "image", "src_vocab_size": V_s, "vocab_size": V_t}). The CLI's `--model` choices, the
 checkpoint's architecture check and `build_model` all read this table, so a new cell needs its class
 and one line below.
 """
@@ -17,7 +18,7 @@ from jaxseq import linear_cells as L
 from jaxseq.cells import stack
 from jaxseq.errors import ConfigError
 
-LM, CLASSIFIER = "lm", "classifier"
+LM, CLASSIFIER, SEQ2SEQ = "lm", "classifier", "seq2seq"
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,27 @@ def recurrent(make_layer):
 
 
 def _transformer(t, spec, kernels):
+    if spec["interface"] == SEQ2SEQ:
+        if spec["source"] != "tokens":
+            raise ConfigError(f"--model transformer encodes token sources, not {spec['source']} sources; "
+                              f"choose an RNN encoder-decoder (e.g. lstm-bahdanau).")
+        from jaxseq.models.encdec import TransformerSeq2Seq
+
+        return TransformerSeq2Seq.from_config(t, spec["src_vocab_size"], spec["vocab_size"], kernels=kernels)
     from jaxseq.models.transformer import TransformerLM
 
     return TransformerLM.from_config(t, spec["vocab_size"], kernels=kernels)
+
+
+def seq2seq(cell_kind: str, score: str | None):
+    """Builder of an RNN encoder-decoder over `cell_kind` cells; score: None, "bahdanau" or "luong"."""
+
+    def build(s, spec, kernels):
+        from jaxseq.models.seq2seq import build_rnn_seq2seq
+
+        return build_rnn_seq2seq(s, spec, kernels, cell_kind=cell_kind, score=score)
+
+    return build
 
 
 def _ngram(n, spec, kernels):
@@ -75,11 +94,16 @@ MODELS: dict[str, ModelEntry] = {
     "rnn": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.Elman(d, r.d_hidden, nonlinearity=r.nonlinearity))),
     "lstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.LSTM(d, r.d_hidden))),
     "gru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.GRU(d, r.d_hidden))),
-    "transformer": ModelEntry("transformer", frozenset({LM}), _transformer),
+    "transformer": ModelEntry("transformer", frozenset({LM, SEQ2SEQ}), _transformer),
     "mingru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinGRU(d, r.d_hidden, norm=r.residual))),
     "minlstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinLSTM(d, r.d_hidden, norm=r.residual))),
     "lru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.LRU(d, r.d_hidden, norm=r.residual, glu=r.residual))),
 }
+# Encoder-decoders (--seq2seq.*): Sutskever et al. without attention; Bahdanau's additive and Luong's
+# multiplicative attention (jaxseq.attention_cells).
+for _kind in ("rnn", "lstm", "gru"):
+    for _suffix, _score in (("seq2seq", None), ("bahdanau", "bahdanau"), ("luong", "luong")):
+        MODELS[f"{_kind}-{_suffix}"] = ModelEntry("seq2seq", frozenset({SEQ2SEQ}), seq2seq(_kind, _score))
 
 
 def build_model(config, spec: dict):
