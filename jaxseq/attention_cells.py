@@ -2,23 +2,27 @@
 
     cell = AttentionCell(LSTM(d_in=E + M, d_hidden=H), d_memory=M, score="bahdanau")
     params = cell.init(key)
-    carry = cell.memory_carry(params, memory, memory_mask)     # memory [B, S, M], memory_mask bool [B, S]
-    carry, y = cell.step(params, carry, x)                     # x [B, E] -> y [B, d_out]
-    ys, carry = jaxseq.unroll(cell, params, xs, mask=mask, carry=carry)   # xs [B, T, E]: teacher forcing
+    bound = cell.bind(params, memory, memory_mask)             # memory [B, S, M], memory_mask bool [B, S]
+    carry = cell.initial_carry((B,))
+    carry, y = cell.step(bound, carry, x)                      # x [B, E] -> y [B, d_out]
+    ys, carry = jaxseq.unroll(cell, bound, xs, mask=mask, carry=carry)    # xs [B, T, E]: teacher forcing
 
-The memory (e.g. an encoder's states, or a CNN's spatial grid) travels in the carry with its keys,
-projected once in `memory_carry`, so the same cell runs through `unroll` for training and through
-`step` for decoding, and beam search reorders it like any other state leaf. `cell` is any jaxseq cell
-(Elman, LSTM, GRU, a Stack); its query is the hidden state of its top layer (`hidden_of`).
+`bind` adds the memory (e.g. an encoder's states, or a CNN's spatial grid), its mask and its keys,
+projected once, to the params: they are constants of the recurrence, not part of its carry, so a
+scan over time neither copies them at every step nor keeps one copy per step for the backward pass.
+The same bound params serve `step` for decoding (a decoder keeps `memory_of(bound)` in its decoding
+state, where beam search reorders it like any other leaf). `cell` is any jaxseq cell (Elman, LSTM,
+GRU, a Stack); the query is the hidden state of its top layer (`hidden_of`).
 
 score="bahdanau" (additive; RNNsearch): the context of step t comes from the previous state,
-    e_tj = v . tanh(W s_{t-1} + U m_j),  a_t = softmax_j e_t,  c_t = sum_j a_tj m_j
+    e_tj = v . tanh(W s_{t-1} + U m_j + b),  a_t = softmax_j e_t,  c_t = sum_j a_tj m_j
     s_t = cell(s_{t-1}, [x_t; c_t]),     y_t = [s_t; c_t]                  cell.d_in = E + M, d_out = H + M
 score="dot" (h . m_j, needs M == H) or "general" (h . W m_j), Luong's multiplicative attention:
     h_t = cell(h_{t-1}, [x_t; h~_{t-1}]),  a_t = softmax_j score(h_t, m_j),  c_t = sum_j a_tj m_j
     h~_t = tanh(W_c [c_t; h_t]),           y_t = h~_t                       cell.d_in = E + H, d_out = H
     (input feeding: h~_{t-1} is part of the next input; with input_feeding=False, cell.d_in = E).
 
+The carry is {"cell": the inner cell's carry} plus, with input feeding, {"feed": h~_{t-1} [B, H]}.
 Masked memory positions get exactly zero weight (their scores are -inf before the softmax), so a
 padded memory gives the same outputs as the unpadded one; a row with no valid memory position gets
 all-zero weights and a zero context. `return_weights=True` makes `y` the pair (y, a_t [B, S]), which
@@ -132,14 +136,17 @@ class AttentionCell:
         return params
 
     def initial_carry(self, batch_shape=(), dtype=None):
-        raise ConfigError("an AttentionCell's carry holds its memory: build it with "
-                          "cell.memory_carry(params, memory, memory_mask) and pass it to unroll as carry=.")
+        carry = {"cell": self.cell.initial_carry(batch_shape, dtype)}
+        if self.score != "bahdanau" and self.input_feeding:
+            leaf = jax.tree.leaves(carry["cell"])[0]
+            carry["feed"] = jnp.zeros((*batch_shape, self.d_hidden), leaf.dtype)
+        return carry
 
-    def memory_carry(self, params, memory, memory_mask=None, state=None):
-        """The carry of step 0: the inner cell's `state` (default its zero carry), the memory, its keys.
+    def bind(self, params, memory, memory_mask=None):
+        """params plus the memory it attends over: {"memory" [B, S, M], "mask" bool [B, S], "keys" [B, S, K]}.
 
-        memory float [B, S, d_memory]; memory_mask bool [B, S] (None: all valid); state: the inner
-        cell's carry for batch B (e.g. from an encoder's final state).
+        memory_mask None: every position is valid. The keys (U m_j + b for Bahdanau, W m_j for "general")
+        are computed here, once per memory.
         """
         if memory.ndim != 3 or memory.shape[-1] != self.d_memory:
             raise ShapeError(f"memory must be [batch, length, d_memory={self.d_memory}], got shape {memory.shape}.")
@@ -148,45 +155,41 @@ class AttentionCell:
             memory_mask = jnp.ones((B, S), bool)
         elif memory_mask.shape != (B, S):
             raise ShapeError(f"memory_mask has shape {memory_mask.shape}; it must be [batch, length] = {(B, S)}.")
-        if state is None:
-            state = self.cell.initial_carry((B,), memory.dtype)
         keys = memory
         if self.score == "bahdanau":
-            keys = memory @ params["w_key"] + params["b_key"]  # U m_j, once per memory
+            keys = memory @ params["w_key"] + params["b_key"]
         elif self.score == "general":
-            keys = memory @ params["w_key"]  # W m_j, so the score is h . keys_j
-        carry = {"cell": state, "memory": memory, "keys": keys, "mask": memory_mask.astype(bool)}
-        if self.score != "bahdanau" and self.input_feeding:
-            carry["feed"] = jnp.zeros((B, self.d_hidden), memory.dtype)
-        return carry
+            keys = memory @ params["w_key"]  # so the score is h . keys_j
+        return {**params, "memory": memory, "keys": keys, "mask": memory_mask.astype(bool)}
 
-    def check_carry(self, carry, batch: int) -> None:
-        """`unroll`'s check of a given carry: it must come from `memory_carry` for this batch."""
-        if not isinstance(carry, dict) or "memory" not in carry:
-            raise ShapeError("an AttentionCell needs carry=cell.memory_carry(params, memory, memory_mask) in unroll.")
-        if carry["memory"].shape[0] != batch:
-            raise ShapeError(f"the carry's memory has batch {carry['memory'].shape[0]} but xs has batch {batch}.")
+    @staticmethod
+    def memory_of(bound) -> dict:
+        """The per-row part of bound params, {"memory", "keys", "mask"} (leaves [B, ...]): a decoding state's."""
+        return {k: bound[k] for k in ("memory", "keys", "mask")}
 
-    def _attend(self, query_scores, carry):
-        weights = masked_softmax(query_scores, carry["mask"])  # [B, S]
-        context = jnp.einsum("bs,bsm->bm", weights, carry["memory"])
+    @staticmethod
+    def _attend(scores, params):
+        weights = masked_softmax(scores, params["mask"])  # [B, S]
+        context = jnp.einsum("bs,bsm->bm", weights, params["memory"])
         return weights, context
 
     def step(self, params, carry, x):
+        if "memory" not in params:
+            raise ConfigError("an AttentionCell steps with params bound to a memory: cell.bind(params, memory, mask).")
         if x.shape[-1] != self.d_in:
             raise ShapeError(f"AttentionCell.step got x with last axis {x.shape[-1]}, expected d_in={self.d_in}.")
         new = dict(carry)
         if self.score == "bahdanau":
             query = hidden_of(self.cell, carry["cell"]) @ params["w_query"]  # W s_{t-1}: [B, A]
-            scores = jnp.tanh(carry["keys"] + query[:, None, :]) @ params["v"]  # [B, S]
-            weights, context = self._attend(scores, carry)
+            scores = jnp.tanh(params["keys"] + query[:, None, :]) @ params["v"]  # [B, S]
+            weights, context = self._attend(scores, params)
             new["cell"], h = self.cell.step(params["cell"], carry["cell"], jnp.concatenate([x, context], -1))
             y = jnp.concatenate([h, context], -1)
         else:
             inputs = jnp.concatenate([x, carry["feed"]], -1) if self.input_feeding else x
             new["cell"], h = self.cell.step(params["cell"], carry["cell"], inputs)
-            scores = jnp.einsum("bh,bsh->bs", h, carry["keys"])
-            weights, context = self._attend(scores, carry)
+            scores = jnp.einsum("bh,bsh->bs", h, params["keys"])
+            weights, context = self._attend(scores, params)
             y = jnp.tanh(jnp.concatenate([context, h], -1) @ params["w_out"])
             if self.input_feeding:
                 new["feed"] = y

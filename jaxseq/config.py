@@ -2,8 +2,10 @@
 
 `jaxseq train --model lstm --rnn.d-hidden 512 --char-lm.source path/to/text.txt`
 `jaxseq train --task mnist1d --model gru --mnist1d.shuffle`
-Each task has its own section (the task dataclass itself: `--char-lm.*`, `--mnist1d.*`) and each model
-family its own (`--rnn.*`, `--ngram.*`, `--additive.*`, `--transformer.*`); only the sections of the
+`jaxseq train --task translation --model lstm-bahdanau --seq2seq.d-hidden 256`
+Each task has its own section (the task dataclass itself: `--char-lm.*`, `--mnist1d.*`, `--translation.*`,
+`--captioning.*`) and each model family its own (`--rnn.*`, `--ngram.*`, `--additive.*`, `--transformer.*`,
+`--seq2seq.*`); only the sections of the
 chosen `--task` and `--model` are used, and only the model's section (with the task, the model name and
 `--kernels`) counts when a resumed run is checked against its checkpoint.
 """
@@ -18,8 +20,10 @@ from typing import Literal
 
 from jaxseq.models import MODELS
 from jaxseq.tasks import TASKS
+from jaxseq.tasks.captioning import Captioning
 from jaxseq.tasks.char_lm import CharLM
 from jaxseq.tasks.mnist1d import MNIST1D
+from jaxseq.tasks.translation import Translation
 
 # Which library runs the matmuls of a jitted step on CPU (see jaxseq.xla_options).
 CpuDots = Literal["auto", "ynn", "xla"]
@@ -181,9 +185,11 @@ class TrainConfig:
     """One training run. The defaults train a character LSTM on the stdlib corpus in a few minutes on 2 cores."""
 
     task: TaskName = "char_lm"
-    """What to learn; its section (--char-lm.*, --mnist1d.*) sets its data and batches."""
+    """What to learn; its section (--char-lm.*, --mnist1d.*, --translation.*, --captioning.*) sets its data
+    and batches."""
     model: ModelKind = "lstm"
-    """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*) sets its size."""
+    """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*, --seq2seq.*) sets
+    its size."""
     kernels: KernelPolicy = "auto"
     """Which implementations run the recurrences and attention: "auto" (the fastest eligible one on this
     machine, see jaxseq.kernels) or "reference" (lax.scan of each cell's step; XLA's dense attention).
@@ -195,6 +201,8 @@ class TrainConfig:
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     char_lm: CharLM = field(default_factory=CharLM)
     mnist1d: MNIST1D = field(default_factory=MNIST1D)
+    translation: Translation = field(default_factory=Translation)
+    captioning: Captioning = field(default_factory=Captioning)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)

@@ -35,6 +35,13 @@ def model_variables(model, params) -> dict:
     return params if is_count_model(model) else {"params": params}
 
 
+def init_arguments(task, data) -> tuple:
+    """`model.init`'s arguments after the key, as ShapeDtypeStructs: `task.example_inputs(data)`, a tuple when
+    the model takes several (an encoder-decoder's source and target)."""
+    inputs = task.example_inputs(data)
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
 def write_run_files(run_dir: Path, config: TrainConfig, spec: dict) -> None:
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     (run_dir / TASK_FILE).write_text(json.dumps({"task": config.task, "model_spec": spec}, indent=2) + "\n")
@@ -122,7 +129,7 @@ def load_run(run_dir) -> Run:
     spec = json.loads((run_dir / TASK_FILE).read_text())["model_spec"]
     task = task_section(config)
     model = build_model(config, spec)
-    variables = jax.eval_shape(model.init, jax.random.key(0), task.example_inputs(None))
+    variables = jax.eval_shape(model.init, jax.random.key(0), *init_arguments(task, None))
     counted = is_count_model(model)
     if counted:  # the whole variables dict, no optimizer state; table sizes depend on the data
         params, opt_state = variables, ()

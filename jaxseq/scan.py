@@ -168,8 +168,6 @@ def unroll(cell, params, xs, *, mask=None, carry=None, resets=None, reverse: boo
     resets = jnp.zeros((batch, steps), bool) if resets is None else check_mask(resets, (batch, steps), name="resets")
     if carry is None:
         carry = cell.initial_carry((batch,), xs.dtype)
-    elif hasattr(cell, "check_carry"):  # a carry the cell builds from more than the batch (a memory)
-        cell.check_carry(carry, batch)
     else:
         expected = jax.tree.map(jnp.shape, cell.initial_carry((batch,), xs.dtype))
         got = jax.tree.map(jnp.shape, carry)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from jaxseq.checkpoint import CheckpointManager
 from jaxseq.config import TrainConfig, task_section, to_dict
 from jaxseq.errors import ConfigError, NonFiniteError
-from jaxseq.run import MetricsLog, is_count_model, write_run_files
+from jaxseq.run import MetricsLog, init_arguments, is_count_model, write_run_files
 from jaxseq.sharding import check_batch_divisible, make_mesh, maybe_initialize_distributed, process_rows, shard_batch
 from jaxseq.steps import (TrainState, compute_dtype_of, make_eval_step, make_optimizer, make_sharded_step,
                           task_loss_fn, with_compute_dtype)
@@ -90,9 +90,9 @@ def train(task=None, model=None, config: TrainConfig | None = None, *, data=None
         model = with_compute_dtype(model, compute_dtype)
         loss_fn = task_loss_fn(task, model, compute_dtype)
         example = task.batch(data, "train", 0, config.seed)
-        init_inputs = task.example_inputs(data)  # [1, ...]: init needs shapes only
+        init_args = [jnp.zeros(x.shape, x.dtype) for x in init_arguments(task, data)]  # [1, ...]: shapes only
         sharded = make_sharded_step(
-            loss_fn, lambda: model.init(jax.random.key(config.seed), jnp.zeros(init_inputs.shape, init_inputs.dtype))["params"],
+            loss_fn, lambda: model.init(jax.random.key(config.seed), *init_args)["params"],
             make_optimizer(config.optim, config.steps), mesh, seed=config.seed,
             compiler_options=compiler_options(model, config.cpu_dots))
         used = _explain(loss_fn, sharded.abstract.params, example)
@@ -210,7 +210,7 @@ def _fit_count_model(task, model, data, config, ckpt, log, resuming, spec, t_sta
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     ckpt.info = {"implementations": {}, "model_spec": spec}
     if resuming:  # the counts are already there: restore them instead of counting again
-        variables = jax.eval_shape(model.init, jax.random.key(config.seed), task.example_inputs(data))
+        variables = jax.eval_shape(model.init, jax.random.key(config.seed), *init_arguments(task, data))
         state, _ = ckpt.restore(TrainState(scalar, variables, (), scalar), shapes_from_checkpoint=True)
     else:
         state = TrainState(jnp.zeros((), jnp.int32), task.fit(model, data), (), jnp.zeros((), jnp.int32))

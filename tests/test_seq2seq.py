@@ -101,7 +101,7 @@ def test_padded_memory_gets_no_gradient():
     xs = jax.random.normal(jax.random.key(2), (2, 3, 4))
 
     def loss(memory):
-        ys, _ = unroll(cell, params, xs, carry=cell.memory_carry(params, memory, mask))
+        ys, _ = unroll(cell, cell.bind(params, memory, mask), xs)
         return jnp.sum(ys ** 2)
 
     g = np.asarray(jax.grad(loss)(memory))
@@ -133,8 +133,8 @@ def test_attention_cell_matches_float64_numpy_loop(score):
     memory = np.random.default_rng(0).normal(size=(B, S, M))
     mask = np.arange(S)[None] < np.array([[6], [3]])
     xs = np.random.default_rng(1).normal(size=(B, T, E))
-    got, _ = unroll(cell, params, jnp.asarray(xs, jnp.float32),
-                    carry=cell.memory_carry(params, jnp.asarray(memory, jnp.float32), jnp.asarray(mask)))
+    got, _ = unroll(cell, cell.bind(params, jnp.asarray(memory, jnp.float32), jnp.asarray(mask)),
+                    jnp.asarray(xs, jnp.float32))
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     h, c, feed = np.zeros((B, H)), np.zeros((B, H)), np.zeros((B, H))
@@ -199,7 +199,7 @@ def test_bad_configurations_are_named():
     with pytest.raises(ConfigError, match="make it even"):
         build("lstm", None, d_hidden=11)
     cell = AttentionCell(LSTM(10, 5), d_memory=6)
-    with pytest.raises(ConfigError, match="memory_carry"):
+    with pytest.raises(ConfigError, match="bind"):
         unroll(cell, cell.init(jax.random.key(0)), jnp.zeros((2, 3, 4)))
     with pytest.raises(ShapeError, match="d_memory=6"):
-        cell.memory_carry(cell.init(jax.random.key(0)), jnp.zeros((2, 3, 5)))
+        cell.bind(cell.init(jax.random.key(0)), jnp.zeros((2, 3, 5)))

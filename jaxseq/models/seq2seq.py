@@ -26,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.core import unfreeze
 import jax.numpy as jnp
 
 from jaxseq.attention_cells import AttentionCell
@@ -33,6 +34,7 @@ from jaxseq.cells import bidirectional, make_cell, stack
 from jaxseq.checks import check_mask, check_tokens
 from jaxseq.errors import ConfigError, ShapeError
 from jaxseq.nn import Recurrent
+from jaxseq.scan import unroll
 
 
 class TextEncoder(nn.Module):
@@ -116,8 +118,8 @@ class RNNSeq2Seq(nn.Module):
     def setup(self):
         if self.cell.d_in != self.d_embed:
             raise ConfigError(f"the decoder cell takes inputs of width {self.cell.d_in} but d_embed={self.d_embed}.")
-        cell = dataclasses.replace(self.cell, return_weights=True) if self.attentive else self.cell
-        self.decoder = Recurrent(cell, kernels=self.kernels)
+        self.decoder_cell = dataclasses.replace(self.cell, return_weights=True) if self.attentive else self.cell
+        self.decoder = self.param("decoder", lambda key: self.cell.init(key))
         self.embed = nn.Embed(self.vocab_size, self.d_embed)
         inner = self.cell.cell if self.attentive else self.cell
         leaves = jax.tree.leaves(jax.eval_shape(lambda: inner.initial_carry((1,))))
@@ -125,23 +127,33 @@ class RNNSeq2Seq(nn.Module):
         self.drop = nn.Dropout(self.dropout)
         self.head = nn.Dense(self.vocab_size)
 
+    def _params(self):
+        return unfreeze(self.decoder)  # plain dicts, as the cells' own init made them (see jaxseq.nn.Recurrent)
+
     def encode(self, src, src_mask=None, deterministic: bool = True):
         """src (tokens [B, S] or images [B, H, W, C]) -> {"memory": [B, S', M], "summary": [B, D]}."""
         memory, summary = self.encoder(src, src_mask, deterministic=deterministic)
         return {"memory": memory, "summary": summary}
 
-    def init_state(self, encoded, src_mask=None, max_len: int | None = None):
-        """The decoder's first carry from `encode`'s output (max_len is unused: the state has fixed size)."""
+    def _start(self, encoded, src_mask):
+        """(decoder params, bound to the memory when attentive; the first carry, from the encoder's summary)."""
         if not isinstance(encoded, dict) or "summary" not in encoded:
             raise ShapeError("init_state takes the dict {'memory', 'summary'} from method='encode'.")
         memory, summary = encoded["memory"], encoded["summary"]
-        inner = self.cell.cell if self.attentive else self.cell
-        template = inner.initial_carry((summary.shape[0],), summary.dtype)
-        state = jax.tree.unflatten(jax.tree.structure(template), [jnp.tanh(d(summary)) for d in self.bridge])
+        carry = self.decoder_cell.initial_carry((summary.shape[0],), summary.dtype)
+        inner = carry["cell"] if self.attentive else carry
+        inner = jax.tree.unflatten(jax.tree.structure(inner), [jnp.tanh(d(summary)) for d in self.bridge])
         if not self.attentive:
-            return state
+            return self._params(), inner
         src_mask = check_mask(src_mask, memory.shape[:2], name="src_mask")
-        return self.decoder.memory_carry(memory, src_mask, state)
+        return self.decoder_cell.bind(self._params(), memory, src_mask), {**carry, "cell": inner}
+
+    def init_state(self, encoded, src_mask=None, max_len: int | None = None):
+        """Decoding state from `encode`'s output: {"carry", and "memory" when attentive} (max_len is unused)."""
+        params, carry = self._start(encoded, src_mask)
+        if not self.attentive:
+            return {"carry": carry}
+        return {"carry": carry, "memory": AttentionCell.memory_of(params)}
 
     def _decode(self, encoded, tgt, src_mask, tgt_mask, deterministic):
         check_tokens(tgt, self.vocab_size, name="tgt")
@@ -149,8 +161,8 @@ class RNNSeq2Seq(nn.Module):
         if tgt.shape[0] != encoded["summary"].shape[0]:
             raise ShapeError(f"src has batch {encoded['summary'].shape[0]} but tgt has batch {tgt.shape[0]}.")
         xs = self.drop(self.embed(tgt), deterministic=deterministic)
-        carry = self.init_state(encoded, src_mask)
-        ys, _ = self.decoder(xs, mask=tgt_mask, carry=carry, deterministic=deterministic)
+        params, carry = self._start(encoded, src_mask)
+        ys, _ = unroll(self.decoder_cell, params, xs, mask=tgt_mask, carry=carry, kernels=self.kernels)
         ys, weights = ys if self.attentive else (ys, None)
         return self._logits(self.drop(ys, deterministic=deterministic)), weights
 
@@ -172,9 +184,10 @@ class RNNSeq2Seq(nn.Module):
     def step(self, state, token):
         """Feed one target token per row: token int [B] -> (state, logits float32 [B, V])."""
         check_tokens(token, self.vocab_size, name="token", ndim=1)
-        state, y = self.decoder.step(state, self.embed(token))
+        params = {**self._params(), **state["memory"]} if self.attentive else self._params()
+        carry, y = self.decoder_cell.step(params, state["carry"], self.embed(token))
         y = y[0] if self.attentive else y
-        return state, self._logits(y)
+        return {**state, "carry": carry}, self._logits(y)
 
 
 def build_rnn_seq2seq(config, spec: dict, kernels: str, *, cell_kind: str, score: str | None):
