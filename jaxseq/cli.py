@@ -5,6 +5,8 @@
     jaxseq train --task mnist1d --model gru --run-dir runs/mnist1d
     jaxseq sample runs/lstm --prompt "The " --max-new-tokens 300 --temperature 0.8
     jaxseq eval runs/lstm
+    jaxseq train --task translation --model lstm-bahdanau --run-dir runs/numbers
+    jaxseq sample runs/numbers --source "three hundred and twenty-one thousand and seven"
 
 An expected error (bad input, a missing file, a mismatched checkpoint) prints one line,
 `jaxseq: error: ...`, and exits with status 2; `--debug` (or JAXSEQ_DEBUG=1) shows the traceback.
@@ -27,13 +29,17 @@ from jaxseq.malloc import keep_freed_memory
 
 @dataclass(frozen=True)
 class SampleArgs:
-    """Generate text from a trained run directory (it holds config, tokenizer and weights)."""
+    """Generate text from a trained run directory (it holds config, tokenizer and weights), or translate
+    --source with a translation run."""
 
     # Each field's description is the string below it (tyro's --help); see jaxseq/config.py.
     run_dir: tyro.conf.Positional[str]
     """The run directory `jaxseq train` wrote."""
     prompt: str = "\n"
     """Text to continue (at least one character; the default is a newline)."""
+    source: str | None = None
+    """A translation run: the sentence to translate (beam search, the run's --translation.beam-size
+    unless --beam is given)."""
     max_new_tokens: int = 400
     """Tokens to generate after the prompt."""
     temperature: float = 0.8
@@ -78,11 +84,17 @@ def sample_command(args: SampleArgs) -> list[str]:
     from jaxseq import decoding
     from jaxseq.run import load_run
     from jaxseq.tasks.char_lm import CharLM
+    from jaxseq.tasks.translation import Translation
 
     run = load_run(args.run_dir)
+    if isinstance(run.task, Translation):
+        return [translate_command(run, args)]
+    if args.source is not None:
+        raise ConfigError(f"--source translates with a --task translation run; {args.run_dir} is a "
+                          f"--task {run.config.task} run (use --prompt).")
     if not isinstance(run.task, CharLM):
-        raise ConfigError(f"jaxseq sample generates text from a --task char_lm run; {args.run_dir} is a "
-                          f"--task {run.config.task} run (use jaxseq eval).")
+        raise ConfigError(f"jaxseq sample generates text from a --task char_lm run or translates with a "
+                          f"--task translation run; {args.run_dir} is a --task {run.config.task} run (use jaxseq eval).")
     tokenizer = run.task.prepare_tokenizer(args.run_dir)
     prompt_ids = tokenizer.encode(args.prompt)
     if len(prompt_ids) == 0:
@@ -103,6 +115,16 @@ def sample_command(args: SampleArgs) -> list[str]:
             print(f"--- sample {i} ---")
         print(text)
     return texts
+
+
+def translate_command(run, args: SampleArgs) -> str:
+    """Translate --source with a translation run; prints and returns the translation."""
+    if args.source is None:
+        raise ConfigError(f"{args.run_dir} is a translation run: give the sentence to translate with --source.")
+    data = run.task.prepare(args.run_dir)
+    [text] = run.task.translate(run.model, run.variables, data, [args.source], beam_size=args.beam or None)
+    print(text)
+    return text
 
 
 def eval_command(args: EvalArgs) -> dict:

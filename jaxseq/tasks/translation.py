@@ -68,10 +68,10 @@ class Translation:
     data_seed: int = 0
     """Seed of the numbers drawn and of the split of other data."""
     max_source_len: int = 0
-    """The longest source, in tokens (0: no limit)."""
+    """The longest source, in tokens (0: the longest in the data)."""
     max_target_len: int = 0
     """The decoder's limit: the longest target in tokens, EOS included, where decoding stops
-    (0: twice the longest training target)."""
+    (0: twice the longest source, plus 10)."""
     drop_long: bool = False
     """Drop pairs over max-source-len / max-target-len instead of stopping with an error."""
     batch_size: int = 64
@@ -106,7 +106,7 @@ class Translation:
         "widths": {"train": (S, T), "test": (S, T)}}; with run_dir, the run's saved vocabularies."""
         splits = self.pairs()
         vocabs = self.load_vocabs(run_dir) if run_dir is not None else self.build_vocabs(splits["train"])
-        data = {"vocabs": vocabs, "limits": self._limits(splits["train"], vocabs)}
+        data = {"vocabs": vocabs, "limits": self._limits(splits, vocabs)}
         for name, pairs in splits.items():
             data[name] = self._encode_split(name, pairs, vocabs, data["limits"])
         data["widths"] = {"train": _widths(data["train"], data["val"]), "test": _widths(data["test"])}
@@ -114,23 +114,27 @@ class Translation:
 
     def build_vocabs(self, train_pairs) -> tuple[Vocab, Vocab]:
         """Each side's vocabulary from the training pairs. Numbers add their closed lexicon (0..100 and the
-        powers of ten): "zero" is the only number with a "z", and one held-out number must not be an error."""
+        scales in singular and plural, with English's commas): "zero" is the only number with a "z", and one
+        held-out number must not be an error."""
         if self.data == "numbers":
             from jaxseq.tasks.text_pairs import MAX_DIGITS, number_pair
 
-            train_pairs = list(train_pairs) + [number_pair(n) for n in [*range(101), *(10 ** k for k in range(MAX_DIGITS))]]
+            scales = [m * 10 ** k + extra for k in range(MAX_DIGITS) for m, extra in ((1, 0), (2, 1001))]
+            train_pairs = list(train_pairs) + [number_pair(n) for n in [*range(101), *scales]]
         return tuple(Vocab.build([p[i] for p in train_pairs], self.tokenizer, vocab_size=self.bpe_vocab_size)
                      for i in (0, 1))
 
-    def _limits(self, train_pairs, vocabs) -> tuple[float, int]:
-        """(longest source, longest target with EOS) allowed, in tokens; see max-source-len / max-target-len."""
+    def _limits(self, splits, vocabs) -> tuple[int, int]:
+        """(longest source, longest target with EOS) allowed, in tokens; see max-source-len / max-target-len.
+
+        The automatic target limit is twice the longest source of any split plus 10: sources are inputs,
+        so the limit is known without looking at a test target.
+        """
         if self.max_source_len < 0 or self.max_target_len < 0:
             raise ConfigError("--translation.max-source-len and max-target-len must be >= 0 (0: see --help).")
-        max_src = self.max_source_len or float("inf")
-        if self.max_target_len:
-            return max_src, self.max_target_len
-        longest = max(len(vocabs[1].encode(t, name="a training target")) for _, t in train_pairs)
-        return max_src, 2 * (longest + 1)
+        longest = max(len(vocabs[0].encode(s, name="a source")) for pairs in splits.values() for s, _ in pairs)
+        max_src = self.max_source_len or longest
+        return max_src, self.max_target_len or 2 * min(longest, max_src) + 10
 
     def _encode_split(self, name: str, pairs, vocabs, limits) -> dict:
         src = [vocabs[0].encode(s, name=f"the source of {name} pair {i}") for i, (s, _) in enumerate(pairs)]
@@ -201,13 +205,16 @@ class Translation:
     def translate(self, model, variables, data, sources: list[str], *, beam_size: int | None = None) -> list[str]:
         """Translate source strings with beam search (the task's beam size by default)."""
         src_vocab, tgt_vocab = data["vocabs"]
+        if any(not s.strip() for s in sources):
+            raise DataError("--source is empty; give a sentence to translate." if len(sources) == 1 else
+                            "a source to translate is empty; every source needs at least one token.")
         ids = [src_vocab.encode(s, name="--source" if len(sources) == 1 else f"source {i}")
                for i, s in enumerate(sources)]
         max_src, max_tgt = data["limits"]
         too_long = [len(x) for x in ids if len(x) > max_src]
         if too_long:
-            raise DataError(f"a source has {max(too_long)} tokens, over --translation.max-source-len {max_src}; "
-                            "shorten it.")
+            raise DataError(f"a source has {max(too_long)} tokens, over the run's source limit {max_src} "
+                            "(--translation.max-source-len); shorten it.")
         width = max(len(x) for x in ids)
         out = []
         for rows, valid in S.padded_rows(len(ids), self.batch_size, 1 << 30):
