@@ -43,3 +43,24 @@ def test_compare_models_quick(tmp_path):
         assert row["val_tokens"] == rows[0]["val_tokens"] and 0 < row["val_loss"] < uniform + 1.0, row
     assert rows[0]["val_loss"] < 1.0  # the trigram sees this text's regularity at once
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_encoding_bottleneck_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSEQ_CACHE", str(tmp_path / "cache"))
+    exp = load("encoding_bottleneck")
+    rows = exp.main(exp.Args(quick=True, models=("lstm-seq2seq", "lstm-bahdanau"), run_root=str(tmp_path / "runs"),
+                             out=str(tmp_path / "out.jsonl")))
+    assert [r["model"] for r in rows] == ["lstm-seq2seq", "lstm-bahdanau"]
+    for row in rows:  # every test pair lands in one length bucket, all scored
+        assert sum(b["count"] for b in row["by_length"].values()) == row["test_pairs"] == 24
+        assert all(0 <= b["bleu"] <= 100 for b in row["by_length"].values()) and row["params"] > 0
+    assert exp.bucket_of(59) == "40-59" and exp.bucket_of(60) == "60-79"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_show_attend_tell_quick(tmp_path):
+    exp = load("show_attend_tell")
+    rows = exp.main(exp.Args(quick=True, models=("lstm-bahdanau",), run_root=str(tmp_path / "runs"),
+                             out=str(tmp_path / "out.jsonl")))
+    assert rows[0]["attention"] and 0 <= rows[0]["exact_match"] <= 100 and rows[0]["steps"] == 3
+    assert not (tmp_path / "out.jsonl").exists()

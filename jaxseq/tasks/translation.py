@@ -72,6 +72,9 @@ class Translation:
     max_target_len: int = 0
     """The decoder's limit: the longest target in tokens, EOS included, where decoding stops
     (0: twice the longest source, plus 10)."""
+    train_max_source_len: int = 0
+    """Drop training (not validation or test) pairs whose source is longer, in tokens (0: keep all): train on
+    short sentences and test on all lengths, as Bahdanau et al.'s RNNsearch-30."""
     drop_long: bool = False
     """Drop pairs over max-source-len / max-target-len instead of stopping with an error."""
     batch_size: int = 64
@@ -103,13 +106,19 @@ class Translation:
 
     def prepare(self, run_dir=None) -> dict:
         """{"vocabs": (source, target), "<split>": {"src": [int32 [n]], "tgt": [...], "text": [(s, t)]},
-        "widths": {"train": (S, T), "test": (S, T)}}; with run_dir, the run's saved vocabularies."""
+        "widths": {"<split>": (S, T)}, "limits": (source, target)}; with run_dir, the run's saved vocabularies."""
         splits = self.pairs()
         vocabs = self.load_vocabs(run_dir) if run_dir is not None else self.build_vocabs(splits["train"])
         data = {"vocabs": vocabs, "limits": self._limits(splits, vocabs)}
         for name, pairs in splits.items():
             data[name] = self._encode_split(name, pairs, vocabs, data["limits"])
-        data["widths"] = {"train": _widths(data["train"], data["val"]), "test": _widths(data["test"])}
+        if self.train_max_source_len:
+            keep = [i for i, s in enumerate(data["train"]["src"]) if len(s) <= self.train_max_source_len]
+            if not keep:
+                raise DataError(f"no training source is within --translation.train-max-source-len "
+                                f"{self.train_max_source_len}; raise it.")
+            data["train"] = {k: [v[i] for i in keep] for k, v in data["train"].items()}
+        data["widths"] = {name: _widths(data[name]) for name in splits}
         return data
 
     def build_vocabs(self, train_pairs) -> tuple[Vocab, Vocab]:
@@ -189,9 +198,8 @@ class Translation:
         """The "val" (or "test") split in order, in batches of batch_size; the last padded with weight False."""
         if split not in ("val", "test"):
             raise ConfigError(f"Translation.eval_batches serves 'val' or 'test', got {split!r}.")
-        widths = data["widths"]["train" if split == "val" else "test"]
         n = len(data[split]["src"])
-        return [self._arrays(data[split], rows, widths, valid)
+        return [self._arrays(data[split], rows, data["widths"][split], valid)
                 for rows, valid in S.padded_rows(n, self.batch_size, max_batches)]
 
     def loss(self, model, variables, batch, rng=None):
