@@ -84,7 +84,7 @@ def _load_digits() -> dict:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise DataError("--captioning.items digits needs scikit-learn: pip install scikit-learn.") from e
+        raise DataError("--captioning.items digits needs scikit-learn: pip install 'jaxseq[tasks]' (or pip install scikit-learn).") from e
     d = load_digits()
     images = (d.images / 16.0).astype(np.float32)  # [1797, 8, 8], values 0..16
     labels = d.target.astype(np.int64)

@@ -191,7 +191,7 @@ def _num2words():
     try:
         from num2words import num2words
     except ImportError as e:
-        raise DataError("number-word pairs need the num2words package: pip install num2words.") from e
+        raise DataError("number-word pairs need the num2words package: pip install 'jaxseq[tasks]' (or pip install num2words).") from e
     return num2words
 
 
