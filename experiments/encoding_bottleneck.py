@@ -15,6 +15,7 @@ beam-search translations (beam 4).
 
     python experiments/encoding_bottleneck.py             # ~25 min on 2 CPU cores
     python experiments/encoding_bottleneck.py --bible     # also WEB -> RV1909 (apt: sword-text-web sword-text-sparv libsword-utils)
+    python experiments/encoding_bottleneck.py --models --bible          # the Bible rows alone
     python experiments/encoding_bottleneck.py --quick     # seconds: the pulse test's form
 
 Writes experiments/results/encoding_bottleneck.jsonl (one line per model: overall and per-bucket BLEU,
@@ -134,7 +135,7 @@ def run_model(args: Args, task, model: str, name: str, steps: int, data) -> tupl
 
 def main(args: Args) -> list[dict]:
     task = number_task(args)
-    data = task.prepare()
+    data = task.prepare() if args.models else None
     rows, attention = [], {}
     for model in args.models:
         row, run, decoded = run_model(args, task, model, model, args.steps, data)
@@ -148,7 +149,8 @@ def main(args: Args) -> list[dict]:
         with open(args.out, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        _plot_bleu(rows, Path(args.out).with_suffix(".png"))
+        if args.models:
+            _plot_bleu(rows, Path(args.out).with_suffix(".png"))
         if attention:
             _plot_attention(task, data, attention, Path(args.out).with_name(Path(args.out).stem + "_attention.png"))
     return rows

@@ -130,7 +130,8 @@ class Seq2SeqConfig:
     input_feeding: bool = True
     """Luong's input feeding: the previous attentional vector is part of the next input."""
     dropout: float = 0.0
-    """Dropout on embeddings and decoder outputs (and between stacked layers), in training only."""
+    """Dropout on embeddings and decoder outputs, and between stacked layers (but a stacked cell under
+    attention), in training only."""
     cnn_channels: int = 64
     """Channels of the image encoder's convolutions (captioning)."""
     cnn_layers: int = 3

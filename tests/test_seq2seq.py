@@ -203,3 +203,14 @@ def test_bad_configurations_are_named():
         unroll(cell, cell.init(jax.random.key(0)), jnp.zeros((2, 3, 4)))
     with pytest.raises(ShapeError, match="d_memory=6"):
         cell.bind(cell.init(jax.random.key(0)), jnp.zeros((2, 3, 5)))
+
+
+@pytest.mark.parametrize("score", [None, "luong"])
+def test_dropout_acts_in_training_only(score):
+    model, v = build("lstm", score, dropout=0.5, decoder_layers=2, encoder_layers=2)
+    src, tgt = tokens((2, 5), SV, 9), tokens((2, 4), TV, 10)
+    fixed = [np.asarray(model.apply(v, src, tgt)) for _ in range(2)]
+    np.testing.assert_array_equal(*fixed)
+    drawn = [np.asarray(model.apply(v, src, tgt, deterministic=False, rngs={"dropout": jax.random.key(k)}))
+             for k in range(2)]
+    assert np.all(np.isfinite(drawn)) and not np.allclose(*drawn)

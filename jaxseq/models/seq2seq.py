@@ -162,7 +162,8 @@ class RNNSeq2Seq(nn.Module):
             raise ShapeError(f"src has batch {encoded['summary'].shape[0]} but tgt has batch {tgt.shape[0]}.")
         xs = self.drop(self.embed(tgt), deterministic=deterministic)
         params, carry = self._start(encoded, src_mask)
-        ys, _ = unroll(self.decoder_cell, params, xs, mask=tgt_mask, carry=carry, kernels=self.kernels)
+        key = None if deterministic or self.dropout == 0 else self.make_rng("dropout")  # between stacked layers
+        ys, _ = unroll(self.decoder_cell, params, xs, mask=tgt_mask, carry=carry, key=key, kernels=self.kernels)
         ys, weights = ys if self.attentive else (ys, None)
         return self._logits(self.drop(ys, deterministic=deterministic)), weights
 
@@ -171,7 +172,7 @@ class RNNSeq2Seq(nn.Module):
         return self.head(flat).reshape(*ys.shape[:-1], self.vocab_size).astype(jnp.float32)
 
     def __call__(self, src, tgt, src_mask=None, tgt_mask=None, deterministic: bool = True):
-        """Teacher forcing: src, tgt int [B, T] (decoder input) -> logits float32 [B, T, V]."""
+        """Teacher forcing: src (tokens [B, S] or images), tgt int [B, T] (decoder input) -> logits float32 [B, T, V]."""
         encoded = self.encode(src, src_mask, deterministic)
         return self._decode(encoded, tgt, src_mask, tgt_mask, deterministic)[0]
 
