@@ -26,7 +26,6 @@ Measured: see experiments/README.md.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time

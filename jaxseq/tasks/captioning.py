@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxseq.errors import CheckpointError, ConfigError
 from jaxseq.tasks import seq2seq_common as S
-from jaxseq.tasks.common import evaluate_sums
+from jaxseq.tasks.common import epoch_rows, evaluate_sums, padded_rows
 from jaxseq.tasks.vocab import Vocab
 
 CELL = {"digits": 8, "fashion": 28}  # the side of one item image
@@ -102,7 +102,7 @@ class Captioning:
             raise ConfigError(f"Captioning.batch serves split 'train'; evaluation uses eval_batches (got {split!r}).")
         if self.batch_size < 1:
             raise ConfigError(f"--captioning.batch-size must be >= 1, got {self.batch_size}.")
-        rows = S.epoch_rows(len(data["train"]["tgt"]), self.batch_size, index, seed)
+        rows = epoch_rows(len(data["train"]["tgt"]), self.batch_size, index, seed)
         return self._arrays(data["train"], rows, data["width"])
 
     def eval_batches(self, data, split: str, max_batches: int) -> list[dict]:
@@ -110,7 +110,7 @@ class Captioning:
             raise ConfigError(f"Captioning.eval_batches serves 'val' or 'test', got {split!r}.")
         n = len(data[split]["tgt"])
         return [self._arrays(data[split], rows, data["width"], valid)
-                for rows, valid in S.padded_rows(n, self.batch_size, max_batches)]
+                for rows, valid in padded_rows(n, self.batch_size, max_batches)]
 
     def loss(self, model, variables, batch, rng=None):
         return S.seq2seq_loss(model, variables, batch, rng)
@@ -121,7 +121,7 @@ class Captioning:
     def caption(self, model, variables, data, images, *, beam_size: int | None = None) -> list[str]:
         """Captions of images float32 [n, H, W, 1] by beam search (the task's beam size by default)."""
         out = []
-        for rows, valid in S.padded_rows(len(images), self.batch_size, 1 << 30):
+        for rows, valid in padded_rows(len(images), self.batch_size, 1 << 30):
             tokens = S.decode(model, variables, images[rows], None, beam_size=beam_size or self.beam_size,
                               max_new_tokens=data["width"])
             out += [data["vocab"].decode(t) for t, ok in zip(tokens, valid) if ok]

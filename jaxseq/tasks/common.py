@@ -1,4 +1,4 @@
-"""What every task's evaluation shares: summed metrics over batches, and their means."""
+"""What the tasks share: epochs of shuffled rows, padded evaluation batches, summed metrics and their means."""
 
 from __future__ import annotations
 
@@ -31,3 +31,23 @@ def evaluate_sums(task, model, variables, batches) -> dict:
     """Means of `task.loss`'s sums over `batches`, without dropout, jitted on the default device."""
     fn = jax.jit(lambda v, b: task.loss(model, v, b, None)[1])
     return means(sum_over(fn(variables, b) for b in batches))
+
+
+def epoch_rows(n: int, batch_size: int, index: int, seed: int) -> np.ndarray:
+    """Rows of training batch `index`: epochs of fresh permutations of n items, a pure function of (seed, epoch)."""
+    pos = index * batch_size + np.arange(batch_size, dtype=np.int64)
+    epochs = pos // n
+    rows = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n)
+        rows[epochs == e] = perm[pos[epochs == e] % n]
+    return rows
+
+
+def padded_rows(n: int, batch_size: int, max_batches: int):
+    """(rows, valid) of each evaluation batch over items 0..n-1 in order; the last batch padded with row 0."""
+    count = min(-(-n // batch_size), max_batches)
+    for i in range(count):
+        rows = np.arange(i * batch_size, (i + 1) * batch_size)
+        valid = rows < n
+        yield np.where(valid, rows, 0), valid

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxseq.errors import ConfigError, DataError
-from jaxseq.tasks.common import evaluate_sums
+from jaxseq.tasks.common import epoch_rows, evaluate_sums, padded_rows
 
 NUM_CLASSES = 10
 LENGTH = 40
@@ -65,13 +65,7 @@ class MNIST1D:
             raise ConfigError(f"MNIST1D.batch serves split 'train'; evaluation uses eval_batches (got {split!r}).")
         if self.batch_size < 1:
             raise ConfigError(f"--mnist1d.batch-size must be >= 1, got {self.batch_size}.")
-        n = len(data["y_train"])
-        pos = index * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-        epochs = pos // n
-        rows = np.empty(self.batch_size, dtype=np.int64)
-        for e in np.unique(epochs):
-            perm = np.random.default_rng([seed, int(e)]).permutation(n)
-            rows[epochs == e] = perm[pos[epochs == e] % n]
+        rows = epoch_rows(len(data["y_train"]), self.batch_size, index, seed)
         return {"inputs": data["x_train"][rows], "labels": data["y_train"][rows],
                 "weight": np.ones(self.batch_size, bool)}
 
@@ -80,15 +74,8 @@ class MNIST1D:
         if split != "val":
             raise ConfigError(f"MNIST1D.eval_batches serves split 'val' (the test set), got {split!r}.")
         x, y = data["x_test"], data["y_test"]
-        b = self.batch_size
-        count = min(-(-len(y) // b), max_batches)
-        out = []
-        for i in range(count):
-            rows = np.arange(i * b, (i + 1) * b)
-            valid = rows < len(y)
-            rows = np.where(valid, rows, 0)
-            out.append({"inputs": x[rows], "labels": y[rows], "weight": valid})
-        return out
+        return [{"inputs": x[rows], "labels": y[rows], "weight": valid}
+                for rows, valid in padded_rows(len(y), self.batch_size, max_batches)]
 
     def loss(self, model, variables, batch, rng=None):
         """Mean cross-entropy over weighted examples; sums: count, sum_loss, sum_accuracy (correct)."""

@@ -22,17 +22,6 @@ from jaxseq.losses import token_nll
 from jaxseq.tasks.vocab import BOS, EOS, PAD
 
 
-def epoch_rows(n: int, batch_size: int, index: int, seed: int) -> np.ndarray:
-    """Rows of training batch `index`: epochs of fresh permutations of n items, a pure function of (seed, epoch)."""
-    pos = index * batch_size + np.arange(batch_size, dtype=np.int64)
-    epochs = pos // n
-    rows = np.empty(batch_size, dtype=np.int64)
-    for e in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(e)]).permutation(n)
-        rows[epochs == e] = perm[pos[epochs == e] % n]
-    return rows
-
-
 def pad_tokens(seqs, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad int sequences to [len(seqs), width]: (ids int32, mask bool)."""
     ids = np.full((len(seqs), width), PAD, np.int32)
@@ -48,15 +37,6 @@ def target_arrays(seqs, width: int) -> dict:
     tgt_in, mask = pad_tokens([np.concatenate([[BOS], s]) for s in seqs], width)
     tgt_out, _ = pad_tokens([np.concatenate([s, [EOS]]) for s in seqs], width)
     return {"tgt_in": tgt_in, "tgt_out": tgt_out, "tgt_mask": mask}
-
-
-def padded_rows(n: int, batch_size: int, max_batches: int):
-    """(rows, valid) of each evaluation batch over items 0..n-1 in order; the last batch padded with row 0."""
-    count = min(-(-n // batch_size), max_batches)
-    for i in range(count):
-        rows = np.arange(i * batch_size, (i + 1) * batch_size)
-        valid = rows < n
-        yield np.where(valid, rows, 0), valid
 
 
 def seq2seq_loss(model, variables, batch, rng=None):

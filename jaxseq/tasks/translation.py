@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxseq.errors import CheckpointError, ConfigError, DataError
 from jaxseq.tasks import seq2seq_common as S
-from jaxseq.tasks.common import evaluate_sums
+from jaxseq.tasks.common import epoch_rows, evaluate_sums, padded_rows
 from jaxseq.tasks.vocab import Vocab
 
 VOCAB_FILES = ("vocab_source.json", "vocab_target.json")
@@ -191,7 +191,7 @@ class Translation:
             raise ConfigError(f"Translation.batch serves split 'train'; evaluation uses eval_batches (got {split!r}).")
         if self.batch_size < 1:
             raise ConfigError(f"--translation.batch-size must be >= 1, got {self.batch_size}.")
-        rows = S.epoch_rows(len(data["train"]["src"]), self.batch_size, index, seed)
+        rows = epoch_rows(len(data["train"]["src"]), self.batch_size, index, seed)
         return self._arrays(data["train"], rows, data["widths"]["train"])
 
     def eval_batches(self, data, split: str, max_batches: int) -> list[dict]:
@@ -200,7 +200,7 @@ class Translation:
             raise ConfigError(f"Translation.eval_batches serves 'val' or 'test', got {split!r}.")
         n = len(data[split]["src"])
         return [self._arrays(data[split], rows, data["widths"][split], valid)
-                for rows, valid in S.padded_rows(n, self.batch_size, max_batches)]
+                for rows, valid in padded_rows(n, self.batch_size, max_batches)]
 
     def loss(self, model, variables, batch, rng=None):
         return S.seq2seq_loss(model, variables, batch, rng)
@@ -225,7 +225,7 @@ class Translation:
                             "(--translation.max-source-len); shorten it.")
         width = max(len(x) for x in ids)
         out = []
-        for rows, valid in S.padded_rows(len(ids), self.batch_size, 1 << 30):
+        for rows, valid in padded_rows(len(ids), self.batch_size, 1 << 30):
             src, mask = S.pad_tokens([ids[r] for r in rows], width)
             tokens = S.decode(model, variables, src, mask, beam_size=beam_size or self.beam_size,
                               max_new_tokens=max_tgt, length_penalty=self.length_penalty)
