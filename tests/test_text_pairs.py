@@ -348,3 +348,13 @@ def test_bible_pairs_known_verses(_cache):
     assert verses[john].startswith("Porque de tal manera amó Dios al mundo")
     assert all(s and t and "<" not in s + t for s, t in pairs)
     assert len(list(_cache.glob("bible_*.json"))) == 1 and T.bible_pairs() == pairs
+
+
+def test_held_out_numbers_leave_every_digit_count_to_training(tmp_path, monkeypatch):
+    """Validation and test take at most a tenth of a digit count: 1 of the 10 one-digit numbers each, so
+    training still sees short numbers."""
+    monkeypatch.setenv("JAXSEQ_CACHE", str(tmp_path))
+    split = T.split_numbers(500, 200, 200, min_digits=1, max_digits=3, seed=0)
+    one_digit = {k: int((v < 10).sum()) for k, v in split.items()}
+    assert one_digit["test"] <= 1 and one_digit["val"] <= 1 and one_digit["train"] >= 8
+    assert int(((split["test"] >= 10) & (split["test"] < 100)).sum()) <= 9

@@ -16,7 +16,9 @@ with real reordering (97 -> "ninety-seven" / "siebenundneunzig").
 A number's digit count is uniform over [min_digits, max_digits], and the number uniform among those with
 that many digits (1 digit: 0..9); the numbers of one draw are distinct. `split_numbers` draws test, then
 val (without the test numbers), then train (without either), all from `numpy.random.default_rng(seed)`,
-so the three sets are disjoint as numbers and val/test do not change with the train size. Test numbers
+so the three sets are disjoint as numbers and val/test do not change with the train size; val and test
+each take at most a tenth of the numbers of any digit count (one of the ten 1-digit numbers), so
+training sees every digit count. Test numbers
 may run to `test_max_digits` (> max_digits: the length-generalisation set). `number_splits` holds the
 pairs of `split_numbers`' numbers, in the same order, so `split_numbers(...)["test"][i]` is the number
 of `number_splits(...)["test"][i]` (e.g. for accuracy by digit count). Pairs cost ~100 us each to
@@ -52,10 +54,11 @@ import numpy as np
 from jaxseq.errors import ConfigError, DataError
 
 MAX_DIGITS = 18  # every 18-digit number fits in int64
+HELD_OUT_SHARE = 0.1  # the most of one digit count's numbers that validation or test may take
 BIBLE_MODULES = ("engWEB2015eb", "spaRV1909eb")  # World English Bible, Reina-Valera 1909
 BIBLE_APT = "apt-get install sword-text-web sword-text-sparv libsword-utils"
 FILE_SUFFIXES = (".tsv", ".jsonl", ".csv")
-_CACHE_FORMAT = 1  # bump when a cached file's content or layout changes
+_CACHE_FORMAT = 2  # bump when a cached file's content or layout changes
 
 # ---------------------------------------------------------------------------------------------------
 # The cache
@@ -128,12 +131,13 @@ def _digit_range(d: int) -> tuple[int, int]:
 
 
 def draw_numbers(count: int, min_digits: int, max_digits: int, rng: np.random.Generator, *, exclude=(),
-                 name: str = "count") -> np.ndarray:
+                 name: str = "count", max_share: float = 1.0) -> np.ndarray:
     """`count` distinct numbers, int64 [count], none in `exclude` (an iterable of int), in random order.
 
     The digit count of each is uniform over [min_digits, max_digits] and the number uniform among those
-    with that many digits; when a digit count runs out of numbers its draws go to the others. `name` is
-    the argument that `count` came from, for errors.
+    with that many digits; when a digit count runs out of numbers its draws go to the others. At most
+    `max_share` of the numbers of any digit count are drawn. `name` is the argument that `count` came
+    from, for errors.
     """
     _check_digits(min_digits, max_digits)
     if count < 0:
@@ -141,7 +145,8 @@ def draw_numbers(count: int, min_digits: int, max_digits: int, rng: np.random.Ge
     excluded = np.unique(np.fromiter(exclude, dtype=np.int64))
     ranges = [_digit_range(d) for d in range(min_digits, max_digits + 1)]
     banned = [excluded[np.searchsorted(excluded, lo): np.searchsorted(excluded, hi, side="right")] for lo, hi in ranges]
-    capacity = np.array([hi - lo + 1 - len(b) for (lo, hi), b in zip(ranges, banned)], dtype=np.int64)
+    capacity = np.array([min(hi - lo + 1 - len(b), int(max_share * (hi - lo + 1))) for (lo, hi), b in zip(ranges, banned)],
+                        dtype=np.int64)
     if count > capacity.sum():
         raise ConfigError(f"{name}={count} distinct numbers asked for, but only {int(capacity.sum())} have "
                           f"{min_digits}..{max_digits} digits (less those excluded); lower {name} or raise max_digits.")
@@ -181,8 +186,9 @@ def split_numbers(train: int, val: int, test: int, *, min_digits: int, max_digit
     test_max = max_digits if test_max_digits is None else test_max_digits
     _check_digits(min_digits, test_max, "test_max_digits")
     rng = np.random.default_rng(seed)
-    test_n = draw_numbers(test, min_digits, test_max, rng, name="test")
-    val_n = draw_numbers(val, min_digits, max_digits, rng, exclude=test_n, name="val")
+    # Held-out sets take at most a tenth of any digit count, so the few short numbers are trained on too.
+    test_n = draw_numbers(test, min_digits, test_max, rng, name="test", max_share=HELD_OUT_SHARE)
+    val_n = draw_numbers(val, min_digits, max_digits, rng, exclude=test_n, name="val", max_share=HELD_OUT_SHARE)
     train_n = draw_numbers(train, min_digits, max_digits, rng, exclude=np.concatenate([test_n, val_n]), name="train")
     return {"train": train_n, "val": val_n, "test": test_n}
 
