@@ -354,7 +354,9 @@ def test_held_out_numbers_leave_every_digit_count_to_training(tmp_path, monkeypa
     """Validation and test take at most a tenth of a digit count: 1 of the 10 one-digit numbers each, so
     training still sees short numbers."""
     monkeypatch.setenv("JAXSEQ_CACHE", str(tmp_path))
-    split = T.split_numbers(500, 200, 200, min_digits=1, max_digits=3, seed=0)
+    split = T.split_numbers(500, 50, 50, min_digits=1, max_digits=3, seed=0)
     one_digit = {k: int((v < 10).sum()) for k, v in split.items()}
     assert one_digit["test"] <= 1 and one_digit["val"] <= 1 and one_digit["train"] >= 8
     assert int(((split["test"] >= 10) & (split["test"] < 100)).sum()) <= 9
+    with pytest.raises(ConfigError, match="at most 10% of each digit count"):
+        T.split_numbers(500, 50, 200, min_digits=1, max_digits=3, seed=0)

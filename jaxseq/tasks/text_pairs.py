@@ -149,7 +149,9 @@ def draw_numbers(count: int, min_digits: int, max_digits: int, rng: np.random.Ge
                         dtype=np.int64)
     if count > capacity.sum():
         raise ConfigError(f"{name}={count} distinct numbers asked for, but only {int(capacity.sum())} have "
-                          f"{min_digits}..{max_digits} digits (less those excluded); lower {name} or raise max_digits.")
+                          f"{min_digits}..{max_digits} digits (less those excluded"
+                          + (f", and {name} takes at most {max_share:.0%} of each digit count" if max_share < 1 else "")
+                          + f"); lower {name} or raise max_digits.")
     per_class = _class_counts(count, capacity, rng)
     parts = [_distinct_in(lo, hi, int(k), b, rng) for (lo, hi), k, b in zip(ranges, per_class, banned)]
     return rng.permutation(np.concatenate(parts + [np.zeros(0, np.int64)]))
