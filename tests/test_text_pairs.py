@@ -220,7 +220,8 @@ def test_load_pairs_tsv_jsonl_csv(tmp_path):
     rows = [{"source": "One", "target": "Uno"}, {"source": "", "target": "x"}, {"source": "Two", "target": "Dos"},
             {"source": "Three"}, {"source": "Four", "target": None}]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    assert T.load_pairs(str(tmp_path / "p.jsonl")) == [("One", "Uno"), ("Two", "Dos")]
+    with pytest.warns(UserWarning, match="dropped 3 of 5 rows"):  # empty rows are dropped, not silently
+        assert T.load_pairs(str(tmp_path / "p.jsonl")) == [("One", "Uno"), ("Two", "Dos")]
     (tmp_path / "p.csv").write_text('source,target\n"Yes, sir","Sí, señor"\n', encoding="utf-8")
     assert T.load_pairs(str(tmp_path / "p.csv")) == [("Yes, sir", "Sí, señor")]
 
@@ -288,7 +289,8 @@ def test_load_pairs_hub_columns_and_split(monkeypatch):
 
     seen = []
     _fake_datasets(monkeypatch, lambda name, split: seen.append((name, split)) or Split())
-    got = T.load_pairs("someone/pairs", source_column="translation.en", target_column="translation.es", split="test")
+    with pytest.warns(UserWarning, match="dropped 1 of 2 rows"):
+        got = T.load_pairs("someone/pairs", source_column="translation.en", target_column="translation.es", split="test")
     assert got == [("Hi", "Hola")] and seen == [("someone/pairs", "test")]
     with pytest.raises(DataError, match=r"no column 'source'; its columns are \['id', 'translation'\]"):
         T.load_pairs("someone/pairs")

@@ -105,7 +105,7 @@ def test_numbers_have_a_closed_vocabulary_and_longer_test_sources():
 
 def test_transformer_and_rnn_models_train_on_numbers_and_reload(tmp_path):
     """The pulse: each model family takes a few steps on the default number task; the saved run reloads."""
-    task = Translation(train_pairs=64, val_pairs=16, test_pairs=8, max_digits=2, batch_size=8, beam_size=2)
+    task = Translation(train_pairs=64, val_pairs=16, test_pairs=8, max_digits=3, batch_size=8, beam_size=2)
     small = TransformerConfig(num_layers=1, num_heads=2, d_model=16, d_ff=32)
     for model in ("transformer", "lstm-seq2seq"):
         out = train(None, None, config(tmp_path, task, model=model, name=model, steps=3, eval_every=3,

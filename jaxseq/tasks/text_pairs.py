@@ -47,6 +47,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -370,6 +371,9 @@ def load_pairs(data: str, *, source_column: str = "source", target_column: str =
     sources = _column(columns, get, source_column, "--translation.source-column", data)
     targets = _column(columns, get, target_column, "--translation.target-column", data)
     pairs = [(s.strip(), t.strip()) for s, t in zip(sources, targets) if s and t and s.strip() and t.strip()]
+    if 0 < len(pairs) < len(sources):  # a stray blank line is common; a silent cut is not acceptable
+        warnings.warn(f"--translation.data {data!r}: dropped {len(sources) - len(pairs)} of {len(sources)} rows "
+                      f"whose {source_column!r} or {target_column!r} is empty.", stacklevel=2)
     if not pairs:
         raise DataError(f"--translation.data {data!r} holds no pair with a non-empty {source_column!r} and "
                         f"{target_column!r}; check the file and the column flags.")
