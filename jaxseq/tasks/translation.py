@@ -83,6 +83,8 @@ class Translation:
     """Beams in the final evaluation and in `jaxseq sample` (1: greedy)."""
     length_penalty: float = 0.6
     """GNMT length penalty alpha of the beam search (0: plain log-probabilities)."""
+    decode_test: bool = True
+    """The final evaluation decodes the test set (BLEU, chrF, exact match); off: the test loss only."""
     bleu_tokenize: Literal["auto", "13a", "char", "intl"] = "auto"
     """sacrebleu's BLEU tokenizer; auto: "char" for the number task, "13a" (words) otherwise."""
 
@@ -235,6 +237,8 @@ class Translation:
     def evaluate(self, model, variables, data, max_batches: int = 1 << 30) -> dict:
         """Test loss (nats per target token) and the beam-search translations' BLEU, chrF and exact match."""
         report = evaluate_sums(self, model, variables, self.eval_batches(data, "test", max_batches))
+        if not self.decode_test:
+            return report
         n = min(len(data["test"]["text"]), max_batches * self.batch_size)
         sources = [s for s, _ in data["test"]["text"][:n]]
         references = [t for _, t in data["test"]["text"][:n]]
