@@ -230,7 +230,8 @@ def _plot_attention(task, data, attention: dict, path: Path) -> None:
         ax.imshow(w, aspect="auto", cmap="gray_r")
         ax.set_xticks(range(len(source)), list(source), fontsize=6)
         ax.set_yticks(range(len(hypothesis) + 1), list(hypothesis) + ["</s>"], fontsize=6)
-        ax.set_title(f"{model}: {source!r} -> {hypothesis!r} (reference {decoded['pairs'][i][1]!r})", fontsize=8)
+        ax.set_title(f"{model}, the longest test source\n{source}\n-> {hypothesis}\n(reference: "
+                     f"{decoded['pairs'][i][1]})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
