@@ -48,9 +48,9 @@ def test_compare_models_quick(tmp_path):
 def test_encoding_bottleneck_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXSEQ_CACHE", str(tmp_path / "cache"))
     exp = load("encoding_bottleneck")
-    rows = exp.main(exp.Args(quick=True, models=("lstm-seq2seq", "lstm-bahdanau"), run_root=str(tmp_path / "runs"),
+    rows = exp.main(exp.Args(quick=True, models=("lstm-bahdanau",), run_root=str(tmp_path / "runs"),
                              out=str(tmp_path / "out.jsonl")))
-    assert [r["model"] for r in rows] == ["lstm-seq2seq", "lstm-bahdanau"]
+    assert [r["model"] for r in rows] == ["lstm-bahdanau"]
     for row in rows:  # every test pair lands in one length bucket, all scored
         assert sum(b["count"] for b in row["by_length"].values()) == row["test_pairs"] == 24
         assert all(0 <= b["bleu"] <= 100 for b in row["by_length"].values()) and row["params"] > 0
