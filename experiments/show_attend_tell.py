@@ -123,7 +123,7 @@ def _plot_attention(run, data, args: Args, path: Path) -> None:
                                        None, None, method="attention_weights"))[0]  # [T, grid cells]
         side = int(round(np.sqrt(w.shape[1])))
         axes[r, 0].imshow(image[..., 0], cmap="gray")
-        axes[r, 0].set_title(f"test: {data['test']['text'][r]}", fontsize=6, wrap=True)
+        axes[r, 0].set_title(f"reference: {data['test']['text'][r]}\nmodel: {caption}", fontsize=6, wrap=True)
         # weights[t] are read while writing token t (the decoder's input at t is the previous word)
         named = [(t, word) for t, word in enumerate(words) if word in names]
         for c in range(1, cols):
