@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxseq.errors import DataError, TokenRangeError
+from jaxseq.files import write_text_atomically
 
 _FORMAT = "jaxseq.CharTokenizer"
 
@@ -109,11 +110,7 @@ class CharTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON to `path` (atomically: a reader never sees half a file)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        write_text_atomically(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CharTokenizer:

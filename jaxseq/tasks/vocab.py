@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxseq.errors import ConfigError, DataError
+from jaxseq.files import write_text_atomically
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIALS = ("<pad>", "<s>", "</s>")
@@ -160,11 +161,7 @@ class Vocab:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON to `path` (atomically: a reader never sees half a file)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        write_text_atomically(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
