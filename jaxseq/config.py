@@ -115,7 +115,7 @@ class Seq2SeqConfig:
 
     d_embed: int = 64
     """Width of the source and target token embeddings."""
-    d_hidden: int = 256
+    d_hidden: int = 128
     """Hidden size of the decoder, and the width of the encoder's memory (split between directions)."""
     encoder_layers: int = 1
     """Recurrent layers of the text encoder, stacked."""
@@ -123,8 +123,9 @@ class Seq2SeqConfig:
     """Recurrent layers of the decoder, stacked."""
     bidirectional: bool = True
     """Bidirectional text encoder (each direction d_hidden / 2 wide)."""
-    d_attention: int | None = None
-    """Width of Bahdanau's scoring layer (None: d_hidden)."""
+    d_attention: int | None = 64
+    """Width of Bahdanau's scoring layer (None: d_hidden). Its tanh over [batch, source, width] at every
+    decoder step is most of the step's time on CPU."""
     luong_score: Literal["general", "dot"] = "general"
     """Luong's score: h . W m ("general") or h . m ("dot")."""
     input_feeding: bool = True
@@ -132,7 +133,7 @@ class Seq2SeqConfig:
     dropout: float = 0.0
     """Dropout on embeddings and decoder outputs, and between stacked layers (but a stacked cell under
     attention), in training only."""
-    cnn_channels: int = 64
+    cnn_channels: int = 32
     """Channels of the image encoder's convolutions (captioning)."""
     cnn_layers: int = 3
     """3x3 convolutions of the image encoder; each after the first halves the grid."""
