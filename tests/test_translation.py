@@ -103,14 +103,13 @@ def test_numbers_have_a_closed_vocabulary_and_longer_test_sources():
         Translation(max_digits=6, test_max_digits=4).pairs()
 
 
-def test_transformer_and_rnn_models_train_on_numbers_and_reload(tmp_path):
-    """The pulse: each model family takes a few steps on the default number task; the saved run reloads."""
+def test_transformer_trains_on_numbers_and_reloads(tmp_path):
+    """The pulse: the Transformer encoder-decoder takes a few steps on the default number task; the run reloads."""
     task = Translation(train_pairs=64, val_pairs=16, test_pairs=8, max_digits=3, batch_size=8, beam_size=2)
     small = TransformerConfig(num_layers=1, num_heads=2, d_model=16, d_ff=32)
-    for model in ("transformer", "lstm-seq2seq"):
-        out = train(None, None, config(tmp_path, task, model=model, name=model, steps=3, eval_every=3,
-                                       checkpoint_every=3, transformer=small))
-        assert np.isfinite(out["report"]["loss"]) and 0 <= out["report"]["bleu"] <= 100
+    out = train(None, None, config(tmp_path, task, model="transformer", steps=3, eval_every=3, checkpoint_every=3,
+                                   transformer=small))  # the RNN encoder-decoders train in the tests above
+    assert np.isfinite(out["report"]["loss"]) and 0 <= out["report"]["bleu"] <= 100
     run = load_run(out["run_dir"])  # the saved run rebuilds the encoder-decoder from its two example inputs
     data = run.task.prepare(out["run_dir"])
     assert run.task.evaluate(run.model, run.variables, data) == out["report"]
