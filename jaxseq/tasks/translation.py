@@ -253,6 +253,6 @@ class Translation:
         return "char" if self.data == "numbers" else "13a"
 
 
-def _widths(*splits) -> tuple[int, int]:
-    """(S, T): the longest source, and the longest target + 1 (BOS / EOS) over the splits."""
-    return (max(len(s) for d in splits for s in d["src"]), max(len(t) for d in splits for t in d["tgt"]) + 1)
+def _widths(split: dict) -> tuple[int, int]:
+    """(S, T) of a split's batches: its longest source, and its longest target + 1 (BOS / EOS)."""
+    return max(len(s) for s in split["src"]), max(len(t) for t in split["tgt"]) + 1
