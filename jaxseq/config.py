@@ -23,6 +23,7 @@ from jaxseq.tasks import TASKS
 from jaxseq.tasks.captioning import Captioning
 from jaxseq.tasks.char_lm import CharLM
 from jaxseq.tasks.mnist1d import MNIST1D
+from jaxseq.tasks.stdlib_docs import StdlibDocs
 from jaxseq.tasks.translation import Translation
 
 # Which library runs the matmuls of a jitted step on CPU (see jaxseq.xla_options).
@@ -157,6 +158,9 @@ class OptimConfig:
     """Adam's first-moment decay."""
     b2: float = 0.99
     """Adam's second-moment decay."""
+    body_lr_ratio: float = 1.0
+    """The learning rate of a classifier's language-model body (the parameters under "body", e.g. loaded
+    with --init-from) as a fraction of lr; 0 freezes the body, so only the new head trains."""
 
 
 @dataclass(frozen=True)
@@ -187,8 +191,8 @@ class TrainConfig:
     """One training run. The defaults train a character LSTM on the stdlib corpus in a few minutes on 2 cores."""
 
     task: TaskName = "char_lm"
-    """What to learn; its section (--char-lm.*, --mnist1d.*, --translation.*, --captioning.*) sets its data
-    and batches."""
+    """What to learn; its section (--char-lm.*, --mnist1d.*, --stdlib-docs.*, --translation.*,
+    --captioning.*) sets its data and batches."""
     model: ModelKind = "lstm"
     """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*, --seq2seq.*) sets
     its size."""
@@ -203,6 +207,7 @@ class TrainConfig:
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     char_lm: CharLM = field(default_factory=CharLM)
     mnist1d: MNIST1D = field(default_factory=MNIST1D)
+    stdlib_docs: StdlibDocs = field(default_factory=StdlibDocs)
     translation: Translation = field(default_factory=Translation)
     captioning: Captioning = field(default_factory=Captioning)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -234,6 +239,10 @@ class TrainConfig:
     """Where checkpoints, metrics and the config are written."""
     resume: bool = False
     """Continue the run in run_dir from its last checkpoint (a run is never overwritten without it)."""
+    init_from: str = ""
+    """Start from the weights of another run (e.g. a pretrained language model): every parameter of its
+    model that this model has (a classifier's "body": embeddings and layers) is loaded, the rest starts
+    fresh; the vocabulary comes from that run. Sizes must match. See --optim.body-lr-ratio."""
     time_limit_s: float = 0.0
     """Stop after this many seconds of training (0 = no limit); checkpoints and evaluates first."""
     progress: bool = True

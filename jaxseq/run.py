@@ -108,6 +108,7 @@ class Run(NamedTuple):
     model: Any
     variables: dict  # what model.apply takes
     spec: dict  # the task's model spec
+    step: int = 0  # the step of that checkpoint
 
 
 def load_run(run_dir) -> Run:
@@ -140,4 +141,4 @@ def load_run(run_dir) -> Run:
     template = TrainState(step=scalar, params=params, opt_state=opt_state, nonfinite_count=scalar)
     with CheckpointManager(run_dir, config=config, read_only=True) as ckpt:
         state, _ = ckpt.restore(template, shapes_from_checkpoint=counted)
-    return Run(config, task, model, model_variables(model, state.params), spec)
+    return Run(config, task, model, model_variables(model, state.params), spec, int(state.step))

@@ -77,14 +77,32 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransf
     if not 0.0 <= optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (end lr = lr * ratio), got {optim.min_lr_ratio}.")
 
+    if not optim.body_lr_ratio >= 0.0:
+        raise ConfigError(f"optim.body_lr_ratio must be >= 0 (0 freezes the body), got {optim.body_lr_ratio}.")
+
     def build(learning_rate):
         decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)  # noqa: E731
+
+        def adamw(lr):
+            return optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask)
+
+        if optim.body_lr_ratio == 1.0:
+            update = adamw(learning_rate)
+        else:  # the body's own rate; a frozen body gets exact zeros and keeps no Adam moments
+            body = optax.set_to_zero() if optim.body_lr_ratio == 0.0 else adamw(learning_rate * optim.body_lr_ratio)
+            update = optax.multi_transform({"body": body, "rest": adamw(learning_rate)}, _body_labels)
         return optax.chain(
-            optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
-            optax.adamw(learning_rate, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask),
-        )
+            optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(), update)
 
     return optax.inject_hyperparams(build)(learning_rate=make_schedule(optim, total_steps))
+
+
+def _body_labels(params):
+    """"body" for the parameters under params["body"] (a classifier's LM body), "rest" for the others."""
+    if not isinstance(params, dict) or "body" not in params:
+        raise ConfigError("--optim.body-lr-ratio other than 1 needs a model with a language-model body (a "
+                          "classifier of token documents, e.g. --task stdlib_docs); this model has none.")
+    return {k: jax.tree.map(lambda _: "body" if k == "body" else "rest", v) for k, v in params.items()}
 
 
 # -- steps ----------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from jaxseq.checkpoint import CheckpointManager
 from jaxseq.config import TrainConfig, task_section, to_dict
 from jaxseq.errors import ConfigError, NonFiniteError
+from jaxseq.files import write_text_atomically
 from jaxseq.run import MetricsLog, init_arguments, is_count_model, write_run_files
 from jaxseq.sharding import check_batch_divisible, make_mesh, maybe_initialize_distributed, process_rows, shard_batch
 from jaxseq.steps import (TrainState, compute_dtype_of, make_eval_step, make_optimizer, make_sharded_step,
@@ -71,7 +72,9 @@ def train(task=None, model=None, config: TrainConfig | None = None, *, data=None
         if resuming and not config.resume:
             raise ConfigError(f"{run_dir} already holds checkpoints (newest: step {ckpt.latest_step()}); "
                               f"pass --resume to continue that run, or choose another --run-dir.")
-        data = task.prepare(run_dir if resuming else None) if data is None else data
+        # The vocabulary: the run's own when resuming; a pretrained run's (--init-from) when starting from it.
+        vocab_run = run_dir if resuming else (Path(config.init_from) if config.init_from else None)
+        data = task.prepare(vocab_run) if data is None else data
         spec = task.model_spec(data)
         if model is None:
             from jaxseq.models import build_model
@@ -101,6 +104,8 @@ def train(task=None, model=None, config: TrainConfig | None = None, *, data=None
             print("kernels: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "none dispatched") +
                   f" (--kernels {config.kernels})", flush=True)
         state, start = _restore_or_init(ckpt, sharded, resuming, used, log, lambda: task.save(data, run_dir))
+        if config.init_from and not resuming:
+            state = _init_from(state, sharded, config.init_from, run_dir, ckpt, lead)
         if lead:
             write_run_files(run_dir, config, spec)
         eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None)[1], mesh=mesh,
@@ -226,6 +231,28 @@ def _fit_count_model(task, model, data, config, ckpt, log, resuming, spec, t_sta
     log.close()
     return {"steps": 0, "train_loss": None, "val": val, "report": report, "items_per_s": None,
             "stopped": None, "run_dir": str(run_dir), "wall_s": time.perf_counter() - t_start}
+
+
+def _init_from(state, sharded, source_dir, run_dir, ckpt, lead):
+    """The fresh state with the pretrained run's weights loaded (`jaxseq.finetune`), recorded in
+    RUN_DIR/init_from.json and in every checkpoint's metadata. The optimizer state needs no change: Adam's
+    moments start at zero whatever the parameters are."""
+    from jaxseq.finetune import init_from_run
+
+    loaded, record = init_from_run(sharded.abstract.params, source_dir)
+
+    def place(new, initialised, sharding):  # a loaded host array onto the mesh; a fresh leaf as initialised
+        if isinstance(new, jax.ShapeDtypeStruct):
+            return initialised
+        return jax.make_array_from_callback(new.shape, sharding, lambda index: new[index])
+
+    params = jax.tree.map(place, loaded, state.params, sharded.shardings.params)
+    ckpt.info = {**ckpt.info, "init_from": {"run_dir": record["run_dir"], "step": record["step"]}}
+    if lead:
+        write_text_atomically(run_dir / "init_from.json", json.dumps(record, indent=2))
+        print(f"init: {record['loaded']} arrays from {source_dir} (step {record['step']}, --model "
+              f"{record['model']}); fresh: {', '.join(record['fresh']) or 'none'}", flush=True)
+    return state._replace(params=params)
 
 
 def _report(task, model, variables, data, log, step: int) -> dict:

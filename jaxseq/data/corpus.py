@@ -20,6 +20,12 @@ from pathlib import Path
 from jaxseq.errors import DataError
 
 STDLIB = "stdlib"
+# The stdlib corpus without the packages that `--task stdlib_docs` classifies: text for pretraining a
+# language model that has never read a document of that task.
+STDLIB_UNLABELLED = "stdlib-unlabelled"
+# Ten large packages present in every Python >= 3.11 (their docstrings are the classes of stdlib_docs).
+DOC_PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "tkinter", "unittest",
+                "urllib", "xml")
 
 # Bump when the stdlib corpus builder changes, so stale caches are not read.
 _STDLIB_FORMAT = 1
@@ -38,6 +44,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(:[\w.\-]+)?$")
 
 ACCEPTED = (
     "'stdlib' (docstrings of Python's standard library, always present); "
+    "'stdlib-unlabelled' (the same without the packages that --task stdlib_docs classifies); "
     "a local text file, a folder of *.txt files, or a .jsonl/.json/.csv/.parquet file with a text column; "
     "or a Hugging Face hub dataset name such as 'owner/name' or 'name:config' (needs the network or the "
     "HF cache with HF_HUB_OFFLINE=1)"
@@ -55,6 +62,8 @@ def load_text(source: str, text_column: str = "text") -> str:
         raise DataError(f"data source must be a non-empty string, got {source!r}; accepted: {ACCEPTED}.")
     if source == STDLIB:
         text = stdlib_text()
+    elif source == STDLIB_UNLABELLED:
+        text = stdlib_text(exclude_packages=DOC_PACKAGES)
     else:
         path = Path(source).expanduser()
         if path.exists():
@@ -72,23 +81,25 @@ def load_text(source: str, text_column: str = "text") -> str:
 # The stdlib corpus
 
 
-def stdlib_cache_path() -> Path:
+def stdlib_cache_path(exclude_packages: tuple = ()) -> Path:
     """Where the stdlib corpus is cached: `$JAXSEQ_CACHE/` (a folder) or `~/.cache/jaxseq/`."""
     root = os.environ.get("JAXSEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxseq")
     ver = ".".join(str(v) for v in sys.version_info[:3])
-    return Path(root) / f"stdlib_docstrings_{ver}_v{_STDLIB_FORMAT}.txt"
+    without = "".join(f"-{p}" for p in exclude_packages)
+    return Path(root) / f"stdlib_docstrings{without}_{ver}_v{_STDLIB_FORMAT}.txt"
 
 
-def stdlib_text() -> str:
-    """The stdlib docstring corpus (~1.5 MB of English), built on first use and then read from the cache."""
-    path = stdlib_cache_path()
+def stdlib_text(exclude_packages: tuple = ()) -> str:
+    """The stdlib docstring corpus (~1.5 MB of English; ~1 MB without DOC_PACKAGES), built on first use and
+    then read from the cache. exclude_packages: top-level packages whose docstrings are left out."""
+    path = stdlib_cache_path(tuple(exclude_packages))
     try:
         text = path.read_text(encoding="utf-8")
         if text:
             return text
     except (OSError, UnicodeDecodeError):
         pass
-    text = build_stdlib_text()
+    text = build_stdlib_text(exclude_packages=tuple(exclude_packages)) if exclude_packages else build_stdlib_text()
     try:
         # Atomic: a concurrent reader sees either no cache or the whole file.
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,16 +113,31 @@ def stdlib_text() -> str:
     return text
 
 
-def build_stdlib_text(root: str | None = None) -> str:
+def build_stdlib_text(root: str | None = None, exclude_packages: tuple = ()) -> str:
     """Docstrings (module, class, function) of every stdlib `.py` file under `root`, in source order.
 
     Files are parsed with `ast`, never imported (importing the stdlib runs code and is slow). Walks
     folders and files in sorted order and keeps the first copy of repeated docstrings, so the text is
-    a deterministic function of the Python installation.
+    a deterministic function of the Python installation. exclude_packages: top-level folders left out.
     """
-    root = root or sysconfig.get_paths()["stdlib"]
     seen: set[str] = set()
     docs: list[str] = []
+    for module, doc in stdlib_docstrings(root):
+        if module.split("/")[0] in exclude_packages:
+            continue
+        if doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
+    return "\n\n".join(docs) + "\n"
+
+
+def stdlib_docstrings(root: str | None = None):
+    """Yield (module path relative to `root` with "/" separators, docstring) over the stdlib's `.py` files.
+
+    The walk of `build_stdlib_text`: sorted, test suites and bundled code skipped, each docstring cleaned
+    (cleandoc, printable ASCII and newlines only, stripped) and non-empty; repeats are not removed here.
+    """
+    root = root or sysconfig.get_paths()["stdlib"]
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP and not d.startswith((".", "config-")))
         for name in sorted(filenames):
@@ -122,12 +148,11 @@ def build_stdlib_text(root: str | None = None) -> str:
                     tree = ast.parse(f.read())
             except (SyntaxError, ValueError, OSError, RecursionError):
                 continue
+            module = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
             for doc in _docstrings(tree):
                 doc = "".join(c for c in doc if c in _KEEP).strip()
-                if doc and doc not in seen:
-                    seen.add(doc)
-                    docs.append(doc)
-    return "\n\n".join(docs) + "\n"
+                if doc:
+                    yield module, doc
 
 
 def _docstrings(node):

@@ -26,6 +26,8 @@ class AdditiveLM(nn.Module):
         reduce(embed(tokens[:, :t+1])). Masked tokens do not enter the sum (or the count of the
         mean); the output at a masked position is that of the last valid one. With no valid token
         yet, the context is the zero vector.
+    features(tokens [B, T], mask=None) -> the context vectors c_t [B, T, d] (after the hidden layer, if
+        any): at the last valid position, the bag of words of the whole row.
     init_state(batch_size, max_len) -> {"sum": float32 [B, d_embed], "count": float32 [B]}.
     step(state, token [B]) -> (state, logits [B, V]).
     """
@@ -58,21 +60,29 @@ class AdditiveLM(nn.Module):
             return total
         return total / jnp.maximum(count, 1.0)[..., None]
 
-    def _logits(self, ctx):
+    def _hidden(self, ctx):
         # Flatten to [N, d] before the dense layers (3-D Dense is a slow XLA path on CPU, DESIGN.md).
         h = ctx.reshape(-1, ctx.shape[-1])
         if self.hidden is not None:
             h = jnp.tanh(self.hidden(h))
-        return self.head(h).reshape(*ctx.shape[:-1], self.vocab_size)
+        return h.reshape(*ctx.shape[:-1], h.shape[-1])
 
-    def __call__(self, tokens, mask=None, deterministic: bool = True):
+    def _logits(self, ctx):
+        h = self._hidden(ctx)
+        return self.head(h.reshape(-1, h.shape[-1])).reshape(*ctx.shape[:-1], self.vocab_size)
+
+    def _contexts(self, tokens, mask):
         check_tokens(tokens, self.vocab_size, name="tokens")
         mask = check_mask(mask, tokens.shape, name="mask")
         valid = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
         e = self.embed(jnp.asarray(tokens, jnp.int32)) * valid[..., None]  # [B, T, d]
-        total = jnp.cumsum(e, axis=1)
-        count = jnp.cumsum(valid, axis=1)
-        return self._logits(self._context(total, count))
+        return self._context(jnp.cumsum(e, axis=1), jnp.cumsum(valid, axis=1))
+
+    def features(self, tokens, mask=None, deterministic: bool = True):
+        return self._hidden(self._contexts(tokens, mask))
+
+    def __call__(self, tokens, mask=None, deterministic: bool = True):
+        return self._logits(self._contexts(tokens, mask))
 
     def init_state(self, batch_size: int, max_len: int | None = None):
         """Zero sum and count. max_len is unused: the state has a fixed size."""

@@ -1,4 +1,9 @@
-"""SequenceClassifier: many-to-one. Input projection -> any recurrent cell -> the last valid output -> logits."""
+"""Many-to-one classifiers.
+
+SequenceClassifier: feature series -> input projection -> any recurrent cell -> the last valid output -> logits.
+TokenClassifier: token documents -> a language model's body (its `features`) -> pooling -> logits; the
+body's parameters are those of the LM, so a pretrained LM's weights load into it (`jaxseq.finetune`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseq.checks import check_mask
-from jaxseq.errors import ShapeError
+from jaxseq.errors import ConfigError, ShapeError
 from jaxseq.nn import Recurrent
 
 
@@ -50,3 +55,45 @@ class SequenceClassifier(nn.Module):
         hs = self.drop(self.embed(xs), deterministic=deterministic)
         ys, _ = self.rnn(hs, mask=mask, deterministic=deterministic)
         return self.head(self.drop(last_valid(ys, mask), deterministic=deterministic))
+
+
+def mean_valid(ys, mask):
+    """Mean of ys [B, T, d] over each row's valid steps (mask [B, T] bool) -> [B, d]; zeros for an empty row."""
+    weight = mask.astype(ys.dtype)[..., None]
+    return jnp.sum(ys * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
+
+
+POOLS = ("mean", "last")
+
+
+class TokenClassifier(nn.Module):
+    """apply(tokens [B, T] int, mask [B, T] bool = None) -> logits [B, num_classes].
+
+    `body` is a language model with `features(tokens, mask, deterministic) -> [B, T, d]` (RecurrentLM,
+    TransformerLM, AdditiveLM); its parameters sit under "body" with the LM's own names (its softmax
+    layer is never called, so it has none), the new classification layer under "head". `pool`: "mean"
+    over the valid positions, or "last", the last valid position: an RNN's final state, the bag of
+    words of the additive model, and for a causal Transformer the one position that sees the whole
+    document (GPT's classification position). Dropout (rate `dropout`) acts on the pooled vector.
+    """
+
+    body: Any
+    num_classes: int
+    pool: str = "mean"
+    dropout: float = 0.0
+
+    def setup(self):
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool={self.pool!r} must be one of {POOLS}.")
+        self.drop = nn.Dropout(self.dropout)
+        self.head = nn.Dense(self.num_classes)
+
+    def __call__(self, tokens, mask=None, deterministic: bool = True):
+        if tokens.ndim != 2:
+            raise ShapeError(f"tokens must be [batch, steps] integers, got shape {tuple(tokens.shape)}.")
+        mask = check_mask(mask, tokens.shape, name="mask")
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        ys = self.body.features(tokens, mask, deterministic).astype(jnp.float32)
+        pooled = mean_valid(ys, mask) if self.pool == "mean" else last_valid(ys, mask)
+        return self.head(self.drop(pooled, deterministic=deterministic))

@@ -15,6 +15,8 @@ class RecurrentLM(nn.Module):
     """Character/word language model over a recurrent cell.
 
     apply(tokens [B, T], mask=None) -> logits [B, T, V]: logits[:, t] predicts tokens[:, t+1].
+    features(tokens [B, T], mask=None) -> the cell's outputs [B, T, d_out], what the softmax layer reads
+        (a classifier's pretrained body, `jaxseq.models.classifier.TokenClassifier`).
     init_state(batch_size, max_len) -> the cell's carry (max_len is unused: an RNN's state has fixed size).
     step(state, token [B]) -> (state, logits [B, V]).
     Dropout (rate `dropout`) is applied to the embeddings and to the cell outputs, and between
@@ -40,11 +42,15 @@ class RecurrentLM(nn.Module):
         flat = ys.reshape(-1, ys.shape[-1])
         return self.head(flat).reshape(*ys.shape[:-1], self.vocab_size)
 
-    def __call__(self, tokens, mask=None, deterministic: bool = True):
+    def features(self, tokens, mask=None, deterministic: bool = True):
         check_tokens(tokens, self.vocab_size, name="tokens")
         mask = check_mask(mask, tokens.shape, name="mask")
         xs = self.drop(self.embed(tokens), deterministic=deterministic)
         ys, _ = self.rnn(xs, mask=mask, deterministic=deterministic)
+        return ys
+
+    def __call__(self, tokens, mask=None, deterministic: bool = True):
+        ys = self.features(tokens, mask, deterministic)
         return self._logits(self.drop(ys, deterministic=deterministic))
 
     def init_state(self, batch_size: int, max_len: int | None = None):

@@ -291,7 +291,9 @@ class TransformerLM(nn.Module):
 
     def _head(self, x):
         """Final LayerNorm and output layer: [..., D] -> float32 logits [..., V]."""
-        x = self.ln_f(x)
+        return self._logits(self.ln_f(x))
+
+    def _logits(self, x):
         flat = x.reshape(-1, self.d_model)
         logits = self.wte.attend(flat) if self.tie_embeddings else self.lm_head(flat)
         return logits.reshape(*x.shape[:-1], self.vocab_size).astype(jnp.float32)
@@ -307,6 +309,11 @@ class TransformerLM(nn.Module):
 
     def __call__(self, tokens, mask=None, deterministic: bool = True):
         """tokens int [B, T], mask bool [B, T] (False = padding) -> logits float32 [B, T, V]."""
+        return self._logits(self.features(tokens, mask, deterministic))
+
+    def features(self, tokens, mask=None, deterministic: bool = True):
+        """tokens int [B, T], mask bool [B, T] -> the final LayerNorm's output [B, T, D], what the output
+        layer reads (a classifier's pretrained body, `jaxseq.models.classifier.TokenClassifier`)."""
         check_tokens(tokens, self.vocab_size)
         B, T = tokens.shape
         mask = check_mask(mask, (B, T))
@@ -315,7 +322,7 @@ class TransformerLM(nn.Module):
         x = self._embed(tokens, positions, deterministic)
         for block in self.h:
             x, _ = block(x, positions, mask, deterministic=deterministic)
-        return self._head(x)
+        return self.ln_f(x)
 
     # -- recurrent form ------------------------------------------------------------------------------
 

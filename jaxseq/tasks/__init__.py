@@ -1,7 +1,7 @@
 """Tasks: what the data is, how a batch is cut, the loss and the evaluation (DESIGN.md, "Tasks").
 
 A task is a frozen dataclass whose fields are its config (it is its own `jaxseq train` section:
-`--char-lm.*`, `--mnist1d.*`, `--translation.*`, `--captioning.*`). The training loop knows nothing about text or images; it calls:
+`--char-lm.*`, `--mnist1d.*`, `--stdlib-docs.*`, `--translation.*`, `--captioning.*`). The training loop knows nothing about text or images; it calls:
 
     data = task.prepare(run_dir=None)              # load or generate once (cached, offline); with the
                                                    # run_dir of a saved run, reuse its vocabulary
@@ -26,14 +26,16 @@ from jaxseq.tasks.captioning import Captioning
 from jaxseq.tasks.char_lm import CharLM
 from jaxseq.tasks.common import evaluate_sums, means, sum_over
 from jaxseq.tasks.mnist1d import MNIST1D
+from jaxseq.tasks.stdlib_docs import StdlibDocs
 from jaxseq.tasks.translation import Translation
 
 # name -> task class; the name is also its TrainConfig section.
 TASKS = {
     "char_lm": CharLM,
     "mnist1d": MNIST1D,
+    "stdlib_docs": StdlibDocs,
     "translation": Translation,
     "captioning": Captioning,
 }
 
-__all__ = ["TASKS", "Captioning", "CharLM", "MNIST1D", "Translation", "evaluate_sums", "means", "sum_over"]
+__all__ = ["TASKS", "Captioning", "CharLM", "MNIST1D", "StdlibDocs", "Translation", "evaluate_sums", "means", "sum_over"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxseq.errors import DataError
 
@@ -31,6 +33,18 @@ def evaluate_sums(task, model, variables, batches) -> dict:
     """Means of `task.loss`'s sums over `batches`, without dropout, jitted on the default device."""
     fn = jax.jit(lambda v, b: task.loss(model, v, b, None)[1])
     return means(sum_over(fn(variables, b) for b in batches))
+
+
+def classification_loss(logits, labels, weight):
+    """logits [B, C], labels int [B], weight bool [B] -> (mean cross-entropy over the weighted rows, sums
+    {"count", "sum_loss", "sum_accuracy"}) as a task's `loss` returns them."""
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    count = jnp.sum(weight, dtype=jnp.int32)
+    sum_loss = jnp.sum(jnp.where(weight, ce, 0.0))
+    sums = {"count": count, "sum_loss": sum_loss, "sum_accuracy": jnp.sum(weight & correct, dtype=jnp.float32)}
+    return sum_loss / jnp.maximum(count, 1).astype(jnp.float32), sums
 
 
 def epoch_rows(n: int, batch_size: int, index: int, seed: int) -> np.ndarray:

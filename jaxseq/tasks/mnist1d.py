@@ -23,10 +23,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxseq.errors import ConfigError, DataError
-from jaxseq.tasks.common import epoch_rows, evaluate_sums, padded_rows
+from jaxseq.tasks.common import classification_loss, epoch_rows, evaluate_sums, padded_rows
 
 NUM_CLASSES = 10
 LENGTH = 40
@@ -80,14 +79,8 @@ class MNIST1D:
     def loss(self, model, variables, batch, rng=None):
         """Mean cross-entropy over weighted examples; sums: count, sum_loss, sum_accuracy (correct)."""
         rngs = None if rng is None else {"dropout": rng}
-        logits = model.apply(variables, batch["inputs"], deterministic=rng is None, rngs=rngs).astype(jnp.float32)
-        weight = batch["weight"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        correct = jnp.argmax(logits, axis=-1) == batch["labels"]
-        count = jnp.sum(weight, dtype=jnp.int32)
-        sum_loss = jnp.sum(jnp.where(weight, ce, 0.0))
-        sums = {"count": count, "sum_loss": sum_loss, "sum_accuracy": jnp.sum(weight & correct, dtype=jnp.float32)}
-        return sum_loss / jnp.maximum(count, 1).astype(jnp.float32), sums
+        logits = model.apply(variables, batch["inputs"], deterministic=rng is None, rngs=rngs)
+        return classification_loss(logits, batch["labels"], batch["weight"])
 
     def evaluate(self, model, variables, data, max_batches: int = 1 << 30) -> dict:
         """Test loss and accuracy over the 1,000 test examples (or `max_batches`): {"loss", "accuracy", "count"}."""
