@@ -1,4 +1,4 @@
-"""The `jaxseq` command: train, sample, eval.
+"""The `jaxseq` command: train, sample, eval, rl.
 
     jaxseq train --model lstm --rnn.d-hidden 512 --char-lm.source notes.txt --run-dir runs/lstm
     jaxseq train --run-dir runs/lstm --resume          # continue exactly where it stopped
@@ -7,6 +7,7 @@
     jaxseq eval runs/lstm
     jaxseq train --task translation --model lstm-bahdanau --run-dir runs/numbers
     jaxseq sample runs/numbers --source "three hundred and twenty-one thousand and seven"
+    jaxseq rl --env MemoryChain-bsuite --core lstm --run-dir runs/memory     # PPO, a recurrent policy
 
 An expected error (bad input, a missing file, a mismatched checkpoint) prints one line,
 `jaxseq: error: ...`, and exits with status 2; `--debug` (or JAXSEQ_DEBUG=1) shows the traceback.
@@ -144,11 +145,20 @@ def eval_command(args: EvalArgs) -> dict:
     return result
 
 
+def rl_command(config) -> dict:
+    from jaxseq.rl import summary_line, train_rl
+
+    summary = train_rl(config)
+    print(summary_line(summary), flush=True)
+    return summary
+
+
 def main(argv: list[str] | None = None):
     commands = {
         "train": train_command,
         "sample": sample_command,
         "eval": eval_command,
+        "rl": rl_command,
     }
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("JAXSEQ_DEBUG", "") not in ("", "0")
@@ -161,6 +171,10 @@ def main(argv: list[str] | None = None):
     keep_freed_memory()  # before JAX's first computation (jaxseq/malloc.py)
     if command == "train":
         parsed = tyro.cli(TrainConfig, args=rest, prog="jaxseq train", description=TrainConfig.__doc__)
+    elif command == "rl":
+        from jaxseq.rl import RLConfig
+
+        parsed = tyro.cli(RLConfig, args=rest, prog="jaxseq rl", description=RLConfig.__doc__)
     else:
         cls = SampleArgs if command == "sample" else EvalArgs
         parsed = tyro.cli(cls, args=rest, prog=f"jaxseq {command}", description=cls.__doc__)
