@@ -1,0 +1,190 @@
+"""Pretrain, then fine-tune: does pretraining help the Transformer much more than the LSTM?
+
+Claim (the talk "LSTM is dead. Long live Transformers!", L. Nelson, 2019; after Howard & Ruder's ULMFiT
+and Radford et al.'s GPT, 2018): a Transformer pretrained as a language model on unlabelled text transfers
+to a new task with few labels, where LSTMs transferred poorly; bag-of-words classifiers are the classic
+baseline.
+
+Set-up, all on 2 CPU cores, characters as tokens:
+- the task: `--task stdlib_docs`, docstrings of ten stdlib packages labelled by package, a test split
+  by module; `--stdlib-docs.train-examples N` labels;
+- pretraining: one character LM per family on "stdlib-unlabelled" (the stdlib docstrings outside those
+  ten packages: no test document, nor any labelled one, is in it), each for the same wall-clock budget,
+  at a constant learning rate after warm-up so that the budget can end it anywhere;
+- families of about the same size: bag of words (the additive model: the mean of character
+  embeddings), LSTM (hidden 300, mean pooling), Transformer (2 blocks of width 128, mean pooling);
+  each fine-tuned in full (`--init-from`) and trained from scratch, the same steps; plus TF-IDF word
+  1-2-grams with logistic regression (scikit-learn) on the same characters.
+
+    python experiments/transfer.py                 # pretrain 3 LMs (--pretrain-s each), then 30 classifiers
+    python experiments/transfer.py --quick         # seconds: the pulse test's form
+
+Writes experiments/results/transfer.jsonl (a line per pretraining and per classifier) and transfer.png
+(test accuracy against labelled examples). Measured: see experiments/README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+import tyro
+
+from jaxseq.config import AdditiveConfig, OptimConfig, RNNConfig, TrainConfig, TransformerConfig
+from jaxseq.tasks import CharLM, StdlibDocs
+from jaxseq.train import train
+
+RESULTS = Path(__file__).parent / "results"
+FAMILIES = ("additive", "lstm", "transformer")
+
+
+@dataclass(frozen=True)
+class Args:
+    labels: tuple[int, ...] = (50, 200, 1000, 0)
+    """Labelled training documents per row (0 = all of them)."""
+    families: tuple[str, ...] = FAMILIES
+    pretrain_s: float = 240.0
+    """Wall-clock budget of each language model's pretraining, in seconds."""
+    finetune_steps: int = 300
+    """Steps of every classifier run (batch 32), fine-tuned or from scratch."""
+    body_lr_ratio: float = 0.3
+    """A pretrained body's learning rate as a fraction of the head's (ULMFiT's discriminative fine-tuning;
+    1 = one rate for all, 0 = a frozen body)."""
+    max_len: int = 128
+    """Characters of each document read by the models (and by TF-IDF), and the LMs' training length."""
+    seed: int = 0
+    run_root: str = "runs/transfer"
+    out: str = str(RESULTS / "transfer.jsonl")
+    quick: bool = False
+    """Seconds, tiny sizes: what tests/test_experiments.py runs."""
+
+
+def sizes(family: str, quick: bool) -> dict:
+    """The model section of each family: about 0.4M parameters apart from the embeddings (tiny when quick)."""
+    if family == "additive":
+        return {"additive": AdditiveConfig(d_embed=16 if quick else 256)}
+    if family == "lstm":
+        return {"rnn": RNNConfig(d_embed=16, d_hidden=16) if quick else RNNConfig(d_embed=64, d_hidden=300)}
+    return {"transformer": TransformerConfig(num_layers=1, num_heads=2, d_model=16, d_ff=32, max_len=64) if quick
+            else TransformerConfig(num_layers=2, num_heads=4, d_model=128, d_ff=512, max_len=128)}
+
+
+def pretrain(args: Args, family: str) -> dict:
+    """A character LM of `family` on stdlib-unlabelled for args.pretrain_s seconds; its summary row."""
+    run_dir = Path(args.run_root) / f"lm-{family}"
+    config = TrainConfig(
+        task="char_lm", model=family, seed=args.seed, run_dir=str(run_dir), progress=False,
+        char_lm=CharLM(source="stdlib-unlabelled", seq_len=args.max_len, batch_size=32),
+        optim=OptimConfig(warmup_steps=10 if args.quick else 100, min_lr_ratio=1.0),
+        steps=10**6, time_limit_s=args.pretrain_s, eval_every=10**6, checkpoint_every=10**6,
+        eval_batches=2 if args.quick else 16, **sizes(family, args.quick))
+    t0 = time.perf_counter()
+    summary = train(None, None, config)
+    return {"kind": "pretrain", "family": family, "steps": summary["steps"], "val_bits": summary["report"]["bits"],
+            "params": _param_count(run_dir), "wall_s": round(time.perf_counter() - t0, 1),
+            "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def finetune(args: Args, family: str, labels: int, pretrained: bool) -> dict:
+    """One classifier run on stdlib_docs with `labels` training documents; its result row."""
+    init = "pretrained" if pretrained else "scratch"
+    run_dir = Path(args.run_root) / f"cls-{family}-{init}-{labels or 'all'}"
+    config = TrainConfig(
+        task="stdlib_docs", model=family, seed=args.seed, run_dir=str(run_dir), progress=False,
+        stdlib_docs=StdlibDocs(max_len=args.max_len, train_examples=labels),
+        init_from=str(Path(args.run_root) / f"lm-{family}") if pretrained else "",
+        optim=OptimConfig(warmup_steps=min(30, args.finetune_steps // 2),
+                          body_lr_ratio=args.body_lr_ratio if pretrained else 1.0), steps=args.finetune_steps,
+        eval_every=args.finetune_steps, checkpoint_every=args.finetune_steps, **sizes(family, args.quick))
+    t0 = time.perf_counter()
+    summary = train(None, None, config)
+    report = summary["report"]
+    return {"kind": "classifier", "family": family, "init": init, "labels": labels,
+            "test_accuracy": report["accuracy"], "test_loss": report["loss"], "test_count": report["count"],
+            "params": _param_count(run_dir), "steps": summary["steps"],
+            "wall_s": round(time.perf_counter() - t0, 1), "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def tfidf(args: Args, labels: int) -> dict:
+    """TF-IDF of word 1- and 2-grams -> multinomial logistic regression, on the same first max_len characters."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    task = StdlibDocs(max_len=args.max_len, train_examples=labels)
+    data = task.prepare()
+    texts = {s: [data["tokenizer"].decode(x[m]) for x, m in zip(data[f"x_{s}"], data[f"mask_{s}"])]
+             for s in ("train", "test")}
+    t0 = time.perf_counter()
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    classifier = LogisticRegression(C=10.0, max_iter=2000)
+    classifier.fit(vectorizer.fit_transform(texts["train"]), data["y_train"])
+    accuracy = float(np.mean(classifier.predict(vectorizer.transform(texts["test"])) == data["y_test"]))
+    return {"kind": "classifier", "family": "tfidf-logreg", "init": "scratch", "labels": labels,
+            "test_accuracy": accuracy, "test_count": len(data["y_test"]), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _param_count(run_dir: Path) -> int:
+    from jaxseq.run import load_run
+
+    return int(sum(np.size(p) for p in jax.tree.leaves(load_run(run_dir).variables["params"])))
+
+
+def main(args: Args) -> list[dict]:
+    if args.quick:
+        args = dataclasses.replace(args, labels=(50,), families=("lstm",), pretrain_s=2.0, finetune_steps=4,
+                                   max_len=32)
+    rows = []
+    for family in args.families:
+        rows.append(pretrain(args, family))
+        print(json.dumps(rows[-1]), flush=True)
+    for labels in args.labels:
+        rows.append(tfidf(args, labels))
+        for family in args.families:
+            for pretrained in (False, True):
+                rows.append(finetune(args, family, labels, pretrained))
+                print(json.dumps(rows[-1]), flush=True)
+    meta = {"seed": args.seed, "quick": args.quick, "pretrain_s": args.pretrain_s, "max_len": args.max_len,
+            "finetune_steps": args.finetune_steps, "body_lr_ratio": args.body_lr_ratio, "cpu_count": os.cpu_count(), "device": str(jax.devices()[0])}
+    rows = [{**row, **meta} for row in rows]
+    if not args.quick:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot(rows, Path(args.out).with_suffix(".png"))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classifiers = [r for r in rows if r["kind"] == "classifier"]
+    every = len(StdlibDocs().prepare()["y_train"])  # "labels 0" (all of them) is drawn at this count
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = {"additive": "tab:green", "lstm": "tab:blue", "transformer": "tab:red", "tfidf-logreg": "gray"}
+    for family in sorted({r["family"] for r in classifiers}):
+        for init, style in (("scratch", "--"), ("pretrained", "-")):
+            pts = sorted((r["labels"] or every, r["test_accuracy"]) for r in classifiers
+                         if r["family"] == family and r["init"] == init)
+            if not pts:
+                continue
+            ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", color=colors.get(family), label=f"{family}, {init}")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training documents")
+    ax.set_ylabel("test accuracy (10 packages)")
+    ax.set_title("stdlib_docs: pretrained on stdlib-unlabelled vs from scratch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
