@@ -64,3 +64,15 @@ def test_show_attend_tell_quick(tmp_path):
                              out=str(tmp_path / "out.jsonl")))
     assert rows[0]["attention"] and 0 <= rows[0]["exact_match"] <= 100 and rows[0]["steps"] == 3
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_memory_policy_quick(tmp_path):
+    pytest.importorskip("gymnax")
+    exp = load("memory_policy")
+    rows = exp.main(exp.Args(quick=True, run_root=str(tmp_path / "runs"), out=str(tmp_path / "out.jsonl")))
+    assert [(r["env"], r["core"]) for r in rows] == [("DelayedCue", "lstm"), ("DelayedCue", "ff"),
+                                                     ("CartPole-v1", "lstm")]
+    for row in rows:
+        assert 0.0 <= row["success"] <= 1.0 and row["env_steps"] == len(row["curve"]) * 4 * 8 and row["params"] > 0
+    assert rows[0]["delay"] == 2 and rows[2]["return"] > 0  # a CartPole episode earns 1 per step survived
+    assert not (tmp_path / "out.jsonl").exists()
