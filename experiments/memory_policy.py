@@ -5,12 +5,13 @@ memory_length experiment, Osband et al. 2020): an agent whose policy is a recurr
 observation it saw D steps ago, while a memoryless (feed-forward) policy is at chance as soon as D > 0.
 Trained with PPO (Schulman et al. 2017) and GAE, truncated BPTT over 128-step rollouts.
 
-    python experiments/memory_policy.py             # LSTM, GRU, minGRU, FF x D in {0,5,10,20,40} x 2 tasks, CartPole
+    python experiments/memory_policy.py             # LSTM, GRU, minGRU, FF x 5 delays x 2 tasks, CartPole
     python experiments/memory_policy.py --quick     # seconds: the pulse test's form
 
 The tasks: DelayedCue (jaxseq.tasks.delayed_cue; the cue at step 0, the query at step D) and gymnax's
-MemoryChain-bsuite with memory_length D (gymnax returns the observation before each step, so its cue is
-seen on the first two steps and the decision is taken at step D + 1). Every run has the same budget:
+MemoryChain-bsuite with memory_length L in {1, 5, 10, 20, 40} (gymnax returns the observation before each
+step, so its cue is seen on the first two steps and the decision is taken at step L + 1: with L = 1 the cue
+is still in view). Every run has the same budget:
 `iterations` PPO iterations of 16 environments x 128 steps; success = the share of 100 fresh episodes
 (sampled actions) that end with reward +1. CartPole-v1 (LSTM core) is the check that the loop learns:
 the usual bar is an average return of 475 over 100 episodes.
@@ -39,10 +40,15 @@ RESULTS = Path(__file__).parent / "results"
 class Args:
     cores: tuple[str, ...] = ("lstm", "gru", "mingru", "ff")
     delays: tuple[int, ...] = (0, 5, 10, 20, 40)
+    """DelayedCue's delays D."""
+    chain_lengths: tuple[int, ...] = (1, 5, 10, 20, 40)
+    """MemoryChain-bsuite's memory_length values (>= 1; at 1 the cue is still in view at the decision)."""
     envs: tuple[str, ...] = ("DelayedCue", "MemoryChain-bsuite")
     iterations: int = 60
     """PPO iterations of each memory run (16 envs x 128 steps each)."""
     cartpole_iterations: int = 150
+    cartpole: bool = True
+    """Also train the CartPole-v1 sanity check."""
     seeds: tuple[int, ...] = (0,)
     run_root: str = "runs/memory_policy"
     out: str = str(RESULTS / "memory_policy.jsonl")
@@ -59,12 +65,14 @@ def configs(args: Args) -> list[RLConfig]:
                                    cartpole_iterations=1, seeds=(0,))
     out = []
     for env in args.envs:
-        for delay in args.delays:
+        for delay in args.chain_lengths if env == "MemoryChain-bsuite" else args.delays:
             for core in args.cores:
                 for seed in args.seeds:
                     out.append(dataclasses.replace(base, env=env, delay=delay, core=core, seed=seed,
                                                    iterations=args.iterations,
                                                    run_dir=str(Path(args.run_root) / f"{env}-{core}-d{delay}-s{seed}")))
+    if not args.cartpole:
+        return out
     out.append(dataclasses.replace(base, env="CartPole-v1", core="lstm", iterations=args.cartpole_iterations,
                                    run_dir=str(Path(args.run_root) / "CartPole-v1-lstm")))
     return out

@@ -146,6 +146,8 @@ def make_env(name: str, delay: int | None = None):
         if name != "MemoryChain-bsuite":
             raise ConfigError(f"--delay sets DelayedCue's delay or MemoryChain-bsuite's memory_length; --env {name} "
                               f"has no such knob (leave --delay unset).")
+        if delay < 1:  # its observation shows the time left as 1 - t / memory_length
+            raise ConfigError(f"MemoryChain-bsuite's memory_length (--delay) must be >= 1, got {delay}.")
         params = params.replace(memory_length=delay)
     return env, params
 
@@ -412,12 +414,12 @@ def train_rl(config: RLConfig, *, env=None) -> dict:
     ckpt = Checkpoints(run_dir, config)
     log = MetricsLog(run_dir)
     try:
+        if ckpt.latest() is not None and not config.resume:
+            raise ConfigError(f"{run_dir} already holds checkpoints (newest: iteration {ckpt.latest()}); "
+                              f"pass --resume to continue that run, or choose another --run-dir.")
         state = jax.jit(lambda: init_state(config, env, env_params, model, optimizer))()
         start = 0
         if ckpt.latest() is not None:
-            if not config.resume:
-                raise ConfigError(f"{run_dir} already holds checkpoints (newest: iteration {ckpt.latest()}); "
-                                  f"pass --resume to continue that run, or choose another --run-dir.")
             state = ckpt.restore(state)
             start = int(state.iteration)
             log.truncate(start)
