@@ -9,14 +9,16 @@ Set-up, all on 2 CPU cores, characters as tokens:
 - the task: `--task stdlib_docs`, docstrings of ten stdlib packages labelled by package, a test split
   by module; `--stdlib-docs.train-examples N` labels;
 - pretraining: one character LM per family on "stdlib-unlabelled" (the stdlib docstrings outside those
-  ten packages: no test document, nor any labelled one, is in it), each for the same wall-clock budget,
-  at a constant learning rate after warm-up so that the budget can end it anywhere;
+  ten packages: no test document, nor any labelled one, is in it), each for the same wall-clock budget.
+  The budget becomes a number of steps per family from each family's training speed, measured first in
+  alternating short runs (median of `calibration_rounds`), so that the pretraining itself is
+  deterministic and a busy machine cannot favour one family;
 - families of about the same size: bag of words (the additive model: the mean of character
   embeddings), LSTM (hidden 300, mean pooling), Transformer (2 blocks of width 128, mean pooling);
   each fine-tuned in full (`--init-from`) and trained from scratch, the same steps; plus TF-IDF word
   1-2-grams with logistic regression (scikit-learn) on the same characters.
 
-    python experiments/transfer.py                 # pretrain 3 LMs (--pretrain-s each), then 30 classifiers
+    python experiments/transfer.py                 # pretrain 3 LMs (--pretrain-s each), then 28 classifiers
     python experiments/transfer.py --quick         # seconds: the pulse test's form
 
 Writes experiments/results/transfer.jsonl (a line per pretraining and per classifier) and transfer.png
@@ -49,8 +51,10 @@ class Args:
     labels: tuple[int, ...] = (50, 200, 1000, 0)
     """Labelled training documents per row (0 = all of them)."""
     families: tuple[str, ...] = FAMILIES
-    pretrain_s: float = 240.0
-    """Wall-clock budget of each language model's pretraining, in seconds."""
+    pretrain_s: float = 420.0
+    """Wall-clock budget of each language model's pretraining on this machine, in seconds."""
+    calibration_rounds: int = 3
+    """Alternating timing runs per family that turn the budget into steps."""
     finetune_steps: int = 300
     """Steps of every classifier run (batch 32), fine-tuned or from scratch."""
     body_lr_ratio: float = 0.3
@@ -75,17 +79,33 @@ def sizes(family: str, quick: bool) -> dict:
             else TransformerConfig(num_layers=2, num_heads=4, d_model=128, d_ff=512, max_len=128)}
 
 
-def pretrain(args: Args, family: str) -> dict:
-    """A character LM of `family` on stdlib-unlabelled for args.pretrain_s seconds; its summary row."""
-    run_dir = Path(args.run_root) / f"lm-{family}"
-    config = TrainConfig(
+def lm_config(args: Args, family: str, run_dir: Path, steps: int) -> TrainConfig:
+    return TrainConfig(
         task="char_lm", model=family, seed=args.seed, run_dir=str(run_dir), progress=False,
         char_lm=CharLM(source="stdlib-unlabelled", seq_len=args.max_len, batch_size=32),
-        optim=OptimConfig(warmup_steps=10 if args.quick else 100, min_lr_ratio=1.0),
-        steps=10**6, time_limit_s=args.pretrain_s, eval_every=10**6, checkpoint_every=10**6,
-        eval_batches=2 if args.quick else 16, **sizes(family, args.quick))
+        optim=OptimConfig(warmup_steps=min(100, steps // 10)), steps=steps, eval_every=steps,
+        checkpoint_every=steps, eval_batches=2 if args.quick else 16, **sizes(family, args.quick))
+
+
+def calibrate(args: Args) -> list[dict]:
+    """Each family's pretraining speed (characters per second, compile excluded): the median over
+    `calibration_rounds` short runs, the families alternating within each round."""
+    speeds: dict[str, list[float]] = {f: [] for f in args.families}
+    for round_ in range(args.calibration_rounds):
+        for family in args.families:
+            run_dir = Path(args.run_root) / f"calibrate-{family}-{round_}"
+            summary = train(None, None, lm_config(args, family, run_dir, steps=5 if args.quick else 40))
+            speeds[family].append(summary["items_per_s"])
+    return [{"kind": "calibration", "family": f, "chars_per_s": float(np.median(v)), "chars_per_s_runs": v,
+             "pretrain_steps": max(1, int(args.pretrain_s * np.median(v) / (32 * args.max_len)))}
+            for f, v in speeds.items()]
+
+
+def pretrain(args: Args, family: str, steps: int) -> dict:
+    """A character LM of `family` on stdlib-unlabelled for `steps` steps; its summary row."""
+    run_dir = Path(args.run_root) / f"lm-{family}"
     t0 = time.perf_counter()
-    summary = train(None, None, config)
+    summary = train(None, None, lm_config(args, family, run_dir, steps))
     return {"kind": "pretrain", "family": family, "steps": summary["steps"], "val_bits": summary["report"]["bits"],
             "params": _param_count(run_dir), "wall_s": round(time.perf_counter() - t0, 1),
             "load_1min": round(os.getloadavg()[0], 2)}
@@ -137,11 +157,12 @@ def _param_count(run_dir: Path) -> int:
 
 def main(args: Args) -> list[dict]:
     if args.quick:
-        args = dataclasses.replace(args, labels=(50,), families=("lstm",), pretrain_s=2.0, finetune_steps=4,
-                                   max_len=32)
-    rows = []
-    for family in args.families:
-        rows.append(pretrain(args, family))
+        args = dataclasses.replace(args, labels=(50,), families=("lstm",), pretrain_s=0.05, calibration_rounds=1,
+                                   finetune_steps=4, max_len=32)
+    rows = calibrate(args)
+    for row in list(rows):
+        print(json.dumps(row), flush=True)
+        rows.append(pretrain(args, row["family"], row["pretrain_steps"]))
         print(json.dumps(rows[-1]), flush=True)
     for labels in args.labels:
         rows.append(tfidf(args, labels))

@@ -78,7 +78,7 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransf
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (end lr = lr * ratio), got {optim.min_lr_ratio}.")
 
     if not optim.body_lr_ratio >= 0.0:
-        raise ConfigError(f"optim.body_lr_ratio must be >= 0 (0 freezes the body), got {optim.body_lr_ratio}.")
+        raise ConfigError(f"--optim.body-lr-ratio must be >= 0 (0 freezes the body), got {optim.body_lr_ratio}.")
 
     def build(learning_rate):
         decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)  # noqa: E731

@@ -316,6 +316,9 @@ def _check_loop_config(config: TrainConfig) -> None:
     for name in ("steps", "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}.")
+    if config.init_from and not (Path(config.init_from) / "config.json").is_file():
+        raise ConfigError(f"--init-from {config.init_from}: not a run directory (no config.json); pass the "
+                          f"--run-dir of a run that `jaxseq train` wrote.")
 
 
 def _rate(items: float, since: float | None, paused: float = 0.0) -> float:

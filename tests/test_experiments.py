@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -76,3 +77,18 @@ def test_memory_policy_quick(tmp_path):
         assert 0.0 <= row["success"] <= 1.0 and row["env_steps"] == len(row["curve"]) * 4 * 8 and row["params"] > 0
     assert rows[0]["delay"] == 2 and rows[2]["return"] > 0  # a CartPole episode earns 1 per step survived
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_transfer_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    exp = load("transfer")
+    rows = exp.main(exp.Args(quick=True, run_root=str(tmp_path), out=str(tmp_path / "out.jsonl")))
+    assert [r["kind"] for r in rows] == ["calibration", "pretrain", "classifier", "classifier", "classifier"]
+    assert rows[0]["chars_per_s"] > 0 and rows[1]["steps"] == rows[0]["pretrain_steps"] >= 1
+    tfidf, scratch, tuned = rows[2:]
+    assert tfidf["family"] == "tfidf-logreg" and (scratch["init"], tuned["init"]) == ("scratch", "pretrained")
+    for row in rows[2:]:
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["test_count"] > 600 and row["labels"] == 50
+    record = json.loads((tmp_path / "cls-lstm-pretrained-50" / "init_from.json").read_text())
+    assert record["step"] == rows[1]["steps"]
+    assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file

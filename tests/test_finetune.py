@@ -116,7 +116,7 @@ def test_a_body_learning_rate_needs_a_model_with_a_body():
     opt = make_optimizer(OptimConfig(body_lr_ratio=0.5), 10)
     with pytest.raises(ConfigError, match="body-lr-ratio.*no(ne)?"):
         opt.init({"embed": jnp.ones(2), "head": jnp.ones(2)})
-    with pytest.raises(ConfigError, match="body_lr_ratio must be >= 0"):
+    with pytest.raises(ConfigError, match="--optim.body-lr-ratio must be >= 0"):
         make_optimizer(OptimConfig(body_lr_ratio=-1.0), 10)
 
 
@@ -156,6 +156,11 @@ def test_other_sizes_or_another_family_name_the_parameter(pretrained):
         train(config=wider)
     with pytest.raises(ConfigError, match=r"no parameter 'h_0/.*--model lstm"):
         train(config=docs_config(root, "transformer", "other", init_from=lm_dir))
+
+
+def test_init_from_a_folder_that_is_not_a_run_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="--init-from .*nowhere: not a run directory"):
+        train(config=docs_config(tmp_path, "lstm", "cls", init_from=str(tmp_path / "nowhere")))
 
 
 def test_load_matching_keeps_an_lm_whole_when_the_new_model_is_an_lm():
