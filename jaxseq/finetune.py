@@ -46,8 +46,8 @@ def load_matching(params, source, *, pretrained: str = "the pretrained run") -> 
     """(params with every leaf found in `source` replaced by it, number loaded, paths kept fresh).
 
     A leaf at path p is taken from source[p]; when `params` has a "body" and `source` has none (a language
-    model into a classifier), only the body's leaves are, from source[p minus "body/"]. Raises ConfigError naming the parameter when a body leaf is missing or has another shape,
-    or when nothing at all matches.
+    model into a classifier), only the body's leaves are, from source[p minus "body/"]. Raises ConfigError
+    naming the parameter when a body leaf is missing or has another shape, or when nothing matches.
     """
     flat_source = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(source)}
     # A language model into a classifier's body: only the body is loaded; the LM's own head is not the new head.

@@ -3,8 +3,9 @@
 `MODELS[name]` says which TrainConfig section sizes the model, which task interfaces it serves, and
 how to build it for a task's `spec` (`Task.model_spec(data)`: {"interface": "lm", "vocab_size": V} or
 {"interface": "classifier", "num_classes": C, "d_input": D} (feature series) or {"interface":
-"classifier", "num_classes": C, "vocab_size": V, "pool": "mean" | "last"} (token documents), or {"interface": "seq2seq", "source":
-"tokens" | "image", "src_vocab_size": V_s, "vocab_size": V_t}). The CLI's `--model` choices, the
+"classifier", "num_classes": C, "vocab_size": V, "pool": "mean" | "last"} (token documents: a
+`TokenClassifier` over the family's language model), or {"interface": "seq2seq", "source": "tokens" |
+"image", "src_vocab_size": V_s, "vocab_size": V_t}). The CLI's `--model` choices, the
 checkpoint's architecture check and `build_model` all read this table, so a new cell needs its class
 and one line below.
 """
