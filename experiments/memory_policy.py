@@ -17,8 +17,13 @@ is still in view). Every run has the same budget:
 the usual bar is an average return of 475 over 100 episodes.
 
 Writes experiments/results/memory_policy.jsonl (one line per run, with its return curve) and
-memory_policy.png (success against D; return against environment steps). Measured: see
-experiments/README.md.
+memory_policy.png (success against D; return against environment steps).
+
+Measured (122,880 steps per memory run, one seed; 22 minutes on 2 CPU cores; experiments/README.md):
+the feed-forward core is at chance (0.46-0.53) for every D > 0 of DelayedCue and L > 1 of MemoryChain;
+LSTM and GRU succeed at 1.00 up to D = 20 (DelayedCue) and 0.98-1.00 up to L = 10 (MemoryChain), minGRU up
+to D = 5 and L = 10; every core is at chance at D = 40 and L >= 20 within this budget. CartPole (LSTM,
+307,200 steps, vf_coef 0.05): 499.2 average return over 100 fresh episodes. 12k-32k environment steps/s.
 """
 
 from __future__ import annotations
@@ -73,8 +78,10 @@ def configs(args: Args) -> list[RLConfig]:
                                                    run_dir=str(Path(args.run_root) / f"{env}-{core}-d{delay}-s{seed}")))
     if not args.cartpole:
         return out
+    # CartPole's returns reach ~100 (discounted): at vf_coef 0.5 the value loss took the clipped gradient of
+    # the shared trunk and the return peaked near 200, then collapsed; at 0.05 the policy gets its share.
     out.append(dataclasses.replace(base, env="CartPole-v1", core="lstm", iterations=args.cartpole_iterations,
-                                   run_dir=str(Path(args.run_root) / "CartPole-v1-lstm")))
+                                   vf_coef=0.05, run_dir=str(Path(args.run_root) / "CartPole-v1-lstm")))
     return out
 
 
@@ -134,7 +141,9 @@ def _plot(rows: list[dict], path: Path) -> None:
     cores = list(dict.fromkeys(r["core"] for r in rows if r["env"] != "CartPole-v1"))
     for col, env in enumerate(memory_envs):
         ax, curves = axes[0, col], axes[1, col]
-        longest = max(r["delay"] for r in rows if r["env"] == env)
+        # The curves at the longest delay some core still solved (else the longest): where memory shows.
+        solved = [r["delay"] for r in rows if r["env"] == env and r["success"] > 0.9]
+        longest = max(solved or [r["delay"] for r in rows if r["env"] == env])
         for i, core in enumerate(cores):
             mine = sorted((r for r in rows if r["env"] == env and r["core"] == core), key=lambda r: r["delay"])
             delays = sorted({r["delay"] for r in mine})
