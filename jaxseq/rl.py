@@ -73,21 +73,28 @@ class RLConfig:
     minibatches: int = 4
     """Minibatches per epoch, each a group of num_envs / minibatches whole environment rows."""
     gamma: float = 0.99
+    """Discount factor."""
     gae_lambda: float = 0.95
+    """GAE's lambda: 0 = one-step TD advantages, 1 = Monte Carlo returns."""
     clip_eps: float = 0.2
     """PPO's ratio clip."""
     ent_coef: float = 0.01
+    """Weight of the entropy bonus."""
     vf_coef: float = 0.5
+    """Weight of the value loss; lower it where returns are large (CartPole: 0.05, experiments/README.md)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=0.1,
                                                                   grad_clip=0.5, b2=0.999))
     """Adam on a cosine schedule over all gradient steps (iterations * epochs * minibatches)."""
     seed: int = 0
+    """Seed of the initialisation, the environments and the actions (iteration i uses fold_in(key(seed), i))."""
     run_dir: str = "runs/rl"
+    """Where config.json, metrics.jsonl and checkpoints/ go."""
     resume: bool = False
     """Continue the run in run_dir from its newest checkpoint."""
     checkpoint_every: int = 25
     """Iterations between checkpoints (and one at the end)."""
     keep_checkpoints: int = 3
+    """Newest checkpoints kept."""
     eval_episodes: int = 100
     """Fresh episodes of the final evaluation (sampled and greedy actions); 0: none."""
     time_limit_s: float = 0.0
@@ -96,6 +103,7 @@ class RLConfig:
     max_nonfinite_steps: int = 10
     """Stop after this many gradient steps in a row with a non-finite loss or gradient."""
     progress: bool = True
+    """Show a progress bar (return and success of the last 100 episodes, environment steps/s)."""
 
 
 class RLState(NamedTuple):
