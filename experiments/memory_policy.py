@@ -63,11 +63,11 @@ class Args:
 
 def configs(args: Args) -> list[RLConfig]:
     base = RLConfig(progress=False)
-    if args.quick:  # two cores at one delay of the own task, then one CartPole iteration
+    if args.quick:  # two cores at one delay of the own task (no gymnax needed), no CartPole
         base = dataclasses.replace(base, d_hidden=8, num_envs=4, rollout_len=8, minibatches=2, epochs=1,
                                    eval_episodes=8)
         args = dataclasses.replace(args, cores=("lstm", "ff"), delays=(2,), envs=("DelayedCue",), iterations=2,
-                                   cartpole_iterations=1, seeds=(0,))
+                                   cartpole=False, seeds=(0,))
     out = []
     for env in args.envs:
         for delay in args.chain_lengths if env == "MemoryChain-bsuite" else args.delays:

@@ -68,14 +68,12 @@ def test_show_attend_tell_quick(tmp_path):
 
 
 def test_memory_policy_quick(tmp_path):
-    pytest.importorskip("gymnax")
     exp = load("memory_policy")
     rows = exp.main(exp.Args(quick=True, run_root=str(tmp_path / "runs"), out=str(tmp_path / "out.jsonl")))
-    assert [(r["env"], r["core"]) for r in rows] == [("DelayedCue", "lstm"), ("DelayedCue", "ff"),
-                                                     ("CartPole-v1", "lstm")]
+    assert [(r["env"], r["core"], r["delay"]) for r in rows] == [("DelayedCue", "lstm", 2), ("DelayedCue", "ff", 2)]
     for row in rows:
-        assert 0.0 <= row["success"] <= 1.0 and row["env_steps"] == len(row["curve"]) * 4 * 8 and row["params"] > 0
-    assert rows[0]["delay"] == 2 and rows[2]["return"] > 0  # a CartPole episode earns 1 per step survived
+        assert 0.0 <= row["success"] <= 1.0 and row["env_steps"] == len(row["curve"]) * 4 * 8 == 64
+        assert row["params"] > 0 and -1.0 <= row["return"] <= 1.0
     assert not (tmp_path / "out.jsonl").exists()
 
 
