@@ -49,8 +49,9 @@ def _description(out: str, flag: str) -> str:
 
 def _cell(text: str) -> str:
     """The description that starts `text` (after at most 30 blanks of alignment; a wide terminal may set a
-    second column of options beside the first, farther away), up to a box border or that column's gap."""
-    m = re.match(r"[ ]{0,30}([^ │].*?)(?=[ ]{3,}|│|$)", text)
+    second column of options beside the first, farther away), up to a box border or that column's gap. A
+    description never starts with "-": that is the next column's flag or rule."""
+    m = re.match(r"[ ]{0,30}([^ │\-─].*?)(?=[ ]{3,}|│|$)", text)
     return m.group(1) if m else ""
 
 

@@ -92,7 +92,7 @@ def test_the_unlabelled_corpus_leaves_the_packages_out(tmp_path):
 @pytest.mark.parametrize("pool", ["mean", "last"])
 def test_token_classifier_pools_the_bodys_features_and_ignores_padding(model, section, pool):
     config = TrainConfig(task="stdlib_docs", model=model, **section)
-    spec = {"interface": "classifier", "num_classes": 3, "vocab_size": 11, "pool": pool}
+    spec = {"interface": "documents", "num_classes": 3, "vocab_size": 11, "pool": pool}
     clf = build_model(config, spec)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 11)
     mask = jnp.arange(12)[None, :] < jnp.array([[7], [12]])
@@ -113,8 +113,10 @@ def test_token_classifier_pools_the_bodys_features_and_ignores_padding(model, se
 
 def test_feature_series_tasks_refuse_token_only_models():
     spec = {"interface": "classifier", "num_classes": 10, "d_input": 1}
-    with pytest.raises(ConfigError, match="--model transformer classifies token documents.*choose a recurrent"):
+    with pytest.raises(ConfigError, match="--model transformer does not serve the classifier interface.*gru"):
         build_model(TrainConfig(task="mnist1d", model="transformer"), spec)
+    with pytest.raises(ConfigError, match="--model ngram does not serve the documents interface.*additive, rnn"):
+        build_model(TrainConfig(task="stdlib_docs", model="ngram"), {**spec, "interface": "documents"})
 
 
 def test_a_bag_of_characters_learns_more_than_the_label_frequencies(tmp_path, data):

@@ -3,7 +3,7 @@
 `MODELS[name]` says which TrainConfig section sizes the model, which task interfaces it serves, and
 how to build it for a task's `spec` (`Task.model_spec(data)`: {"interface": "lm", "vocab_size": V} or
 {"interface": "classifier", "num_classes": C, "d_input": D} (feature series) or {"interface":
-"classifier", "num_classes": C, "vocab_size": V, "pool": "mean" | "last"} (token documents: a
+"documents", "num_classes": C, "vocab_size": V, "pool": "mean" | "last"} (token documents: a
 `TokenClassifier` over the family's language model), or {"interface": "seq2seq", "source": "tokens" |
 "image", "src_vocab_size": V_s, "vocab_size": V_t}). The CLI's `--model` choices, the
 checkpoint's architecture check and `build_model` all read this table, so a new cell needs its class
@@ -21,6 +21,7 @@ from jaxseq.cells import stack
 from jaxseq.errors import ConfigError
 
 LM, CLASSIFIER, SEQ2SEQ = "lm", "classifier", "seq2seq"
+DOCUMENTS = "documents"  # classifying token documents: a TokenClassifier over a language model's body
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def recurrent(make_layer):
         first = make_layer(r.d_embed, r)
         layers = [first] + [make_layer(first.d_out, r) for _ in range(r.num_layers - 1)]
         cell = layers[0] if len(layers) == 1 else stack(layers, residual=r.residual, dropout=r.dropout)
-        if spec["interface"] == CLASSIFIER and "vocab_size" in spec:
+        if spec["interface"] == DOCUMENTS:
             return token_classifier(build(r, {"interface": LM, "vocab_size": spec["vocab_size"]}, kernels), spec)
         if spec["interface"] == CLASSIFIER:
             from jaxseq.models.classifier import SequenceClassifier
@@ -61,15 +62,8 @@ def token_classifier(lm, spec: dict):
     return TokenClassifier(body=lm, num_classes=spec["num_classes"], pool=spec.get("pool", "mean"))
 
 
-def _token_inputs(name: str, spec: dict) -> None:
-    if spec["interface"] == CLASSIFIER and "vocab_size" not in spec:
-        raise ConfigError(f"--model {name} classifies token documents; this task's inputs are feature "
-                          f"series: choose a recurrent model (e.g. gru).")
-
-
 def _transformer(t, spec, kernels):
-    _token_inputs("transformer", spec)
-    if spec["interface"] == CLASSIFIER:
+    if spec["interface"] == DOCUMENTS:
         return token_classifier(_transformer(t, {"interface": LM, "vocab_size": spec["vocab_size"]}, kernels), spec)
     if spec["interface"] == SEQ2SEQ:
         if spec["source"] != "tokens":
@@ -103,20 +97,19 @@ def _ngram(n, spec, kernels):
 def _additive(a, spec, kernels):
     from jaxseq.models.additive import AdditiveLM
 
-    _token_inputs("additive", spec)
     lm = AdditiveLM.from_config(a, spec["vocab_size"])
-    return token_classifier(lm, spec) if spec["interface"] == CLASSIFIER else lm
+    return token_classifier(lm, spec) if spec["interface"] == DOCUMENTS else lm
 
 
-SEQUENCE = frozenset({LM, CLASSIFIER})
+SEQUENCE = frozenset({LM, CLASSIFIER, DOCUMENTS})
 # --rnn.residual also makes each linear cell the papers' pre-norm block (see jaxseq.linear_cells).
 MODELS: dict[str, ModelEntry] = {
     "ngram": ModelEntry("ngram", frozenset({LM}), _ngram),
-    "additive": ModelEntry("additive", SEQUENCE, _additive),
+    "additive": ModelEntry("additive", frozenset({LM, DOCUMENTS}), _additive),
     "rnn": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.Elman(d, r.d_hidden, nonlinearity=r.nonlinearity))),
     "lstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.LSTM(d, r.d_hidden))),
     "gru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.GRU(d, r.d_hidden))),
-    "transformer": ModelEntry("transformer", frozenset({LM, CLASSIFIER, SEQ2SEQ}), _transformer),
+    "transformer": ModelEntry("transformer", frozenset({LM, DOCUMENTS, SEQ2SEQ}), _transformer),
     "mingru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinGRU(d, r.d_hidden, norm=r.residual))),
     "minlstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinLSTM(d, r.d_hidden, norm=r.residual))),
     "lru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.LRU(d, r.d_hidden, norm=r.residual, glu=r.residual))),

@@ -6,7 +6,7 @@ A task is a frozen dataclass whose fields are its config (it is its own `jaxseq 
     data = task.prepare(run_dir=None)              # load or generate once (cached, offline); with the
                                                    # run_dir of a saved run, reuse its vocabulary
     task.save(data, run_dir)                       # what the run needs later (e.g. tokenizer.json)
-    spec = task.model_spec(data)                   # {"interface": "lm" | "classifier" | "seq2seq", sizes...}
+    spec = task.model_spec(data)                   # {"interface": "lm" | "classifier" | "documents" | "seq2seq", sizes...}
     batch = task.batch(data, "train", index, seed) # a pure function of (seed, index): exact resume
     batches = task.eval_batches(data, "val", max_batches)   # fixed batches, fixed shapes
     loss, sums = task.loss(model, variables, batch, rng)    # jittable; rng None = deterministic

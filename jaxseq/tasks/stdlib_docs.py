@@ -52,7 +52,7 @@ class StdlibDocs:
     train_examples: int = 0
     """Labelled training documents to use, a random subset (0 = all of them)."""
     subset_seed: int = 0
-    """Seed of that subset (fixed apart from --seed, so runs with other seeds see the same labels)."""
+    """Seed of that subset (its own, so that runs of other seeds see the same labelled documents)."""
     pool: Literal["mean", "last"] = "mean"
     """How the classifier pools the body's outputs: mean over the document, or the last position."""
     batch_size: int = 32
@@ -93,7 +93,7 @@ class StdlibDocs:
         data["tokenizer"].save(Path(run_dir) / TOKENIZER_FILE)
 
     def model_spec(self, data) -> dict:
-        return {"interface": "classifier", "num_classes": len(_classes()),
+        return {"interface": "documents", "num_classes": len(_classes()),
                 "vocab_size": data["tokenizer"].vocab_size, "pool": self.pool}
 
     def batch(self, data, split: str, index: int, seed: int) -> dict:
