@@ -187,8 +187,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     classifiers = [r for r in rows if r["kind"] == "classifier"]
-    every = len(StdlibDocs().prepare()["y_train"])  # "labels 0" (all of them) is drawn at this count
+    data = StdlibDocs().prepare()
+    every = len(data["y_train"])  # "labels 0" (all of them) is drawn at this count
+    majority = np.bincount(data["y_test"]).max() / len(data["y_test"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.axhline(majority, color="black", lw=0.8, ls=":", label="majority class (tkinter)")
     colors = {"additive": "tab:green", "lstm": "tab:blue", "transformer": "tab:red", "tfidf-logreg": "gray"}
     for family in sorted({r["family"] for r in classifiers}):
         for init, style in (("scratch", "--"), ("pretrained", "-")):
