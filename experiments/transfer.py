@@ -21,8 +21,23 @@ Set-up, all on 2 CPU cores, characters as tokens:
     python experiments/transfer.py                 # pretrain 3 LMs (--pretrain-s each), then 28 classifiers
     python experiments/transfer.py --quick         # seconds: the pulse test's form
 
-Writes experiments/results/transfer.jsonl (a line per pretraining and per classifier) and transfer.png
-(test accuracy against labelled examples). Measured: see experiments/README.md.
+Writes experiments/results/transfer.jsonl (a line per calibration, pretraining and classifier) and
+transfer.png (test accuracy against labelled examples).
+
+Measured (seed 0, one run, 51 minutes on 2 CPU cores shared with another job): the 7-minute budget gave
+the additive LM 8,289 steps, the LSTM 922, the Transformer 909 (80.8k / 9.0k / 8.9k characters per second),
+reaching 4.76 / 2.53 / 2.55 validation bits per character. Test accuracy (%) at 50 / 200 / 1000 / all
+(1,684) labels; the majority class is 32.9%:
+
+    TF-IDF + logistic regression   35.9  46.7  68.0  70.6
+    bag of characters, scratch     21.3  28.3  33.9  31.7    pretrained  19.7  31.4  33.6  31.4
+    LSTM, scratch                  23.3  25.9  28.7  35.2    pretrained  15.8  22.8  42.0  45.7
+    Transformer, scratch           22.5  21.3  27.4  27.8    pretrained  19.7  29.1  44.9  47.4
+
+With 1,000 labels and more, pretraining adds 18-20 points to the Transformer and 11-13 to the LSTM: the
+talk's direction. With 50 or 200 labels no family gains reliably, and every neural classifier stays
+below the majority class; TF-IDF beats them all at every label count. 300 steps leave the classifiers
+under-fitted (the LSTM fits 52% of its 1,000 training documents from scratch, 82% pretrained).
 """
 
 from __future__ import annotations
