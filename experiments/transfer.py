@@ -77,6 +77,9 @@ class Args:
     1 = one rate for all, 0 = a frozen body)."""
     max_len: int = 128
     """Characters of each document read by the models (and by TF-IDF), and the LMs' training length."""
+    reuse_pretraining: bool = False
+    """Take the calibration and pretraining rows from `out` and the LMs from `run_root` (an earlier run),
+    and train only the classifiers."""
     seed: int = 0
     run_root: str = "runs/transfer"
     out: str = str(RESULTS / "transfer.jsonl")
@@ -129,7 +132,7 @@ def pretrain(args: Args, family: str, steps: int) -> dict:
 def finetune(args: Args, family: str, labels: int, pretrained: bool) -> dict:
     """One classifier run on stdlib_docs with `labels` training documents; its result row."""
     init = "pretrained" if pretrained else "scratch"
-    run_dir = Path(args.run_root) / f"cls-{family}-{init}-{labels or 'all'}"
+    run_dir = Path(args.run_root) / f"cls-{family}-{init}-{labels or 'all'}-{args.finetune_steps}"
     config = TrainConfig(
         task="stdlib_docs", model=family, seed=args.seed, run_dir=str(run_dir), progress=False,
         stdlib_docs=StdlibDocs(max_len=args.max_len, train_examples=labels),
@@ -174,11 +177,15 @@ def main(args: Args) -> list[dict]:
     if args.quick:
         args = dataclasses.replace(args, labels=(50,), families=("lstm",), pretrain_s=0.05, calibration_rounds=1,
                                    finetune_steps=4, max_len=32)
-    rows = calibrate(args)
-    for row in list(rows):
-        print(json.dumps(row), flush=True)
-        rows.append(pretrain(args, row["family"], row["pretrain_steps"]))
-        print(json.dumps(rows[-1]), flush=True)
+    if args.reuse_pretraining:
+        earlier = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+        rows = [r for r in earlier if r["kind"] in ("calibration", "pretrain") and r["family"] in args.families]
+    else:
+        rows = calibrate(args)
+        for row in list(rows):
+            print(json.dumps(row), flush=True)
+            rows.append(pretrain(args, row["family"], row["pretrain_steps"]))
+            print(json.dumps(rows[-1]), flush=True)
     for labels in args.labels:
         rows.append(tfidf(args, labels))
         for family in args.families:
@@ -187,7 +194,7 @@ def main(args: Args) -> list[dict]:
                 print(json.dumps(rows[-1]), flush=True)
     meta = {"seed": args.seed, "quick": args.quick, "pretrain_s": args.pretrain_s, "max_len": args.max_len,
             "finetune_steps": args.finetune_steps, "body_lr_ratio": args.body_lr_ratio, "cpu_count": os.cpu_count(), "device": str(jax.devices()[0])}
-    rows = [{**row, **meta} for row in rows]
+    rows = [{**meta, **row} for row in rows]  # reused rows keep their own
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))

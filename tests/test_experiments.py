@@ -87,6 +87,6 @@ def test_transfer_quick(tmp_path):
     assert tfidf["family"] == "tfidf-logreg" and (scratch["init"], tuned["init"]) == ("scratch", "pretrained")
     for row in rows[2:]:
         assert 0.0 <= row["test_accuracy"] <= 1.0 and row["test_count"] > 600 and row["labels"] == 50
-    record = json.loads((tmp_path / "cls-lstm-pretrained-50" / "init_from.json").read_text())
+    record = json.loads((tmp_path / "cls-lstm-pretrained-50-4" / "init_from.json").read_text())
     assert record["step"] == rows[1]["steps"]
     assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file
