@@ -40,13 +40,12 @@ from tqdm.auto import tqdm
 from jaxseq import checkpoint_checks as checks
 from jaxseq import fingerprints as fp
 from jaxseq.config import OptimConfig, to_dict
-from jaxseq.errors import CheckpointError, ConfigError, JaxseqError, NonFiniteError
+from jaxseq.envs import make_env, num_actions
+from jaxseq.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxseq.models.policy import CORES, ActorCritic, make_core
 from jaxseq.run import MetricsLog
 from jaxseq.steps import TrainState, init_train_state, make_optimizer, make_train_step
 
-OWN_ENVS = ("DelayedCue",)
-MEMORY_ENVS = ("DelayedCue", "MemoryChain-bsuite")  # reward +1 / -1 at the end: success = return > 0
 WINDOW = 100  # finished episodes in the running average (CartPole's "475 over 100 episodes")
 
 
@@ -118,50 +117,6 @@ class RLState(NamedTuple):
     recent: jax.Array  # [WINDOW] returns of the last finished episodes (a ring)
     finished: jax.Array  # int32 [] episodes finished so far
     iteration: jax.Array  # int32 []
-
-
-# -- environments ---------------------------------------------------------------------------------------
-
-
-def available_envs() -> list[str]:
-    try:
-        import gymnax
-    except ImportError:
-        return list(OWN_ENVS)
-    return list(OWN_ENVS) + list(gymnax.registered_envs)
-
-
-def make_env(name: str, delay: int | None = None):
-    """(env, env_params) for `name`: DelayedCue, or a gymnax environment (imported on first use)."""
-    if delay is not None and (not isinstance(delay, int) or delay < 0):
-        raise ConfigError(f"--delay must be an int >= 0, got {delay!r}.")
-    if name == "DelayedCue":
-        from jaxseq.tasks.delayed_cue import DelayedCue, DelayedCueParams
-
-        return DelayedCue(), DelayedCueParams(delay=5 if delay is None else delay)
-    try:
-        import gymnax
-    except ImportError as e:
-        raise JaxseqError(f"--env {name} needs gymnax, which is not installed: pip install -e \".[rl]\" (or pip "
-                          f"install gymnax six). Without it only {', '.join(OWN_ENVS)} is available.") from e
-    if name not in gymnax.registered_envs:
-        raise ConfigError(f"unknown environment {name!r}; available: {', '.join(available_envs())}.")
-    env, params = gymnax.make(name)
-    if type(env.action_space(params)).__name__ != "Discrete":
-        raise ConfigError(f"--env {name} has continuous actions; the policy's categorical head needs a discrete "
-                          f"action space (e.g. CartPole-v1, MemoryChain-bsuite, Catch-bsuite).")
-    if delay is not None:
-        if name != "MemoryChain-bsuite":
-            raise ConfigError(f"--delay sets DelayedCue's delay or MemoryChain-bsuite's memory_length; --env {name} "
-                              f"has no such knob (leave --delay unset).")
-        if delay < 1:  # its observation shows the time left as 1 - t / memory_length
-            raise ConfigError(f"MemoryChain-bsuite's memory_length (--delay) must be >= 1, got {delay}.")
-        params = params.replace(memory_length=delay)
-    return env, params
-
-
-def num_actions(env, env_params) -> int:
-    return int(env.action_space(env_params).n) if hasattr(env, "action_space") else int(env.num_actions)
 
 
 # -- the pure pieces ------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import pytest
 from jaxseq import cli
 from jaxseq.config import OptimConfig
 from jaxseq.errors import ConfigError, JaxseqError, NonFiniteError
-from jaxseq.rl import RLConfig, gae, make_env, train_rl
+from jaxseq.envs import make_env
+from jaxseq.rl import RLConfig, gae, train_rl
 from jaxseq.tasks.delayed_cue import DelayedCue, DelayedCueParams
 
 TINY = dict(d_hidden=16, num_envs=8, rollout_len=16, minibatches=2, epochs=2, eval_episodes=16, progress=False)
