@@ -29,12 +29,12 @@ def init_from_run(params, run_dir) -> tuple:
     for the fresh leaves' places; fresh leaves are returned as they were). record: {"run_dir", "step",
     "task", "model", "config" (the pretrained run's), "loaded": n arrays, "fresh": [paths]}.
     """
-    from jaxseq.config import to_dict
+    from jaxseq.config import model_section, to_dict
     from jaxseq.run import load_run
 
     run = load_run(run_dir)
     source = run.variables["params"]
-    section = to_dict(getattr(run.config, _section(run.config.model)))
+    section = to_dict(model_section(run.config))
     merged, loaded, fresh = load_matching(params, source, pretrained=f"{run_dir} (--model {run.config.model}, "
                                                                       f"{json.dumps(section)})")
     record = {"run_dir": str(run_dir), "step": run.step, "task": run.config.task, "model": run.config.model,
@@ -89,8 +89,3 @@ def _shape_message(path: str, theirs: tuple, ours: tuple, pretrained: str) -> st
 def _path(key_path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
 
-
-def _section(model: str) -> str:
-    from jaxseq.models import MODELS
-
-    return MODELS[model].section

@@ -34,10 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq.errors import ConfigError, DataError
+from jaxseq.tasks.char_lm import TOKENIZER_FILE, CharLM
 from jaxseq.tasks.common import classification_loss, epoch_rows, evaluate_sums, padded_rows
-
-TOKENIZER_FILE = "tokenizer.json"
-
 
 @dataclass(frozen=True)
 class StdlibDocs:
@@ -77,7 +75,7 @@ class StdlibDocs:
         if run_dir is None:
             tokenizer = CharTokenizer.from_text("".join(doc for _, _, doc in docs))
         else:
-            tokenizer = CharTokenizer.load(_tokenizer_path(run_dir))
+            tokenizer = CharLM().prepare_tokenizer(run_dir)  # the same tokenizer.json a char_lm run saves
         data = {"tokenizer": tokenizer, "classes": list(_classes()), "dropped_chars": 0}
         for split, rows in (("train", train), ("test", test)):
             x, mask, dropped = _encode([doc for _, _, doc in rows], tokenizer, self.max_len)
@@ -202,12 +200,3 @@ def _encode(docs: list[str], tokenizer, max_len: int):
         mask[i, :len(ids)] = True
     return x, mask, dropped
 
-
-def _tokenizer_path(run_dir) -> Path:
-    from jaxseq.errors import CheckpointError
-
-    path = Path(run_dir) / TOKENIZER_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; is {run_dir} a run directory written by `jaxseq train` "
-                              f"of a character task (char_lm, stdlib_docs)?")
-    return path
