@@ -55,6 +55,9 @@ class SampleArgs:
     """> 0: beam search with this many beams instead of sampling (prints the best beam per prompt)."""
     seed: int = 0
     """Seed of the sampling."""
+    out: str = ""
+    """Where a run of a task that renders files (images: PNG, audio: WAV, music: MIDI) writes them;
+    empty: RUN_DIR/samples."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ def sample_command(args: SampleArgs) -> list[str]:
     from jaxseq.tasks.translation import Translation
 
     run = load_run(args.run_dir)
+    if hasattr(run.task, "write_samples"):  # tasks whose samples are files: images, audio, music
+        return run.task.write_samples(run, args)
     if isinstance(run.task, Translation):
         return [translate_command(run, args)]
     if args.source is not None:
