@@ -23,6 +23,8 @@ from jaxseq.tasks import TASKS
 from jaxseq.tasks.captioning import Captioning
 from jaxseq.tasks.char_lm import CharLM
 from jaxseq.tasks.mnist1d import MNIST1D
+from jaxseq.tasks.music import Music
+from jaxseq.tasks.probes import Probes
 from jaxseq.tasks.stdlib_docs import StdlibDocs
 from jaxseq.tasks.translation import Translation
 
@@ -192,7 +194,7 @@ class TrainConfig:
 
     task: TaskName = "char_lm"
     """What to learn; its section (--char-lm.*, --mnist1d.*, --stdlib-docs.*, --translation.*,
-    --captioning.*) sets its data and batches."""
+    --captioning.*, --probes.*, --music.*) sets its data and batches."""
     model: ModelKind = "lstm"
     """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*, --seq2seq.*) sets
     its size."""
@@ -210,6 +212,8 @@ class TrainConfig:
     stdlib_docs: StdlibDocs = field(default_factory=StdlibDocs)
     translation: Translation = field(default_factory=Translation)
     captioning: Captioning = field(default_factory=Captioning)
+    music: Music = field(default_factory=Music)
+    probes: Probes = field(default_factory=Probes)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)

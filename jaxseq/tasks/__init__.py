@@ -26,6 +26,8 @@ from jaxseq.tasks.captioning import Captioning
 from jaxseq.tasks.char_lm import CharLM
 from jaxseq.tasks.common import evaluate_sums, means, sum_over
 from jaxseq.tasks.mnist1d import MNIST1D
+from jaxseq.tasks.music import Music
+from jaxseq.tasks.probes import Probes
 from jaxseq.tasks.stdlib_docs import StdlibDocs
 from jaxseq.tasks.translation import Translation
 
@@ -36,6 +38,8 @@ TASKS = {
     "stdlib_docs": StdlibDocs,
     "translation": Translation,
     "captioning": Captioning,
+    "music": Music,
+    "probes": Probes,
 }
 
-__all__ = ["TASKS", "Captioning", "CharLM", "MNIST1D", "StdlibDocs", "Translation", "evaluate_sums", "means", "sum_over"]
+__all__ = ["TASKS", "Captioning", "CharLM", "MNIST1D", "Music", "Probes", "StdlibDocs", "Translation", "evaluate_sums", "means", "sum_over"]
