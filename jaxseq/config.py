@@ -22,6 +22,7 @@ from jaxseq.models import MODELS
 from jaxseq.tasks import TASKS
 from jaxseq.tasks.captioning import Captioning
 from jaxseq.tasks.char_lm import CharLM
+from jaxseq.tasks.images import Images
 from jaxseq.tasks.mnist1d import MNIST1D
 from jaxseq.tasks.music import Music
 from jaxseq.tasks.probes import Probes
@@ -143,6 +144,22 @@ class Seq2SeqConfig:
 
 
 @dataclass(frozen=True)
+class PixelRNNConfig:
+    """PixelRNN (--model row-lstm | diagonal-bilstm) and its baseline, one LSTM over the flattened pixels
+    (--model pixel-lstm)."""
+
+    d_hidden: int = 32
+    """h: state channels of each LSTM; the residual stream between layers is 2h wide.
+    pixel-lstm: the width of its LSTM and pixel embedding."""
+    num_layers: int = 2
+    """Recurrent layers, each with a residual connection (pixel-lstm: stacked LSTMs)."""
+    d_head: int = 64
+    """Width of the hidden 1x1 layer before the softmax (the paper's 1024)."""
+    first_kernel: int = 7
+    """Size of the first, mask-A convolution (odd; the paper's 7)."""
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay, gradient clipping by global norm."""
 
@@ -207,11 +224,13 @@ class TrainConfig:
     additive: AdditiveConfig = field(default_factory=AdditiveConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    pixelrnn: PixelRNNConfig = field(default_factory=PixelRNNConfig)
     char_lm: CharLM = field(default_factory=CharLM)
     mnist1d: MNIST1D = field(default_factory=MNIST1D)
     stdlib_docs: StdlibDocs = field(default_factory=StdlibDocs)
     translation: Translation = field(default_factory=Translation)
     captioning: Captioning = field(default_factory=Captioning)
+    images: Images = field(default_factory=Images)
     music: Music = field(default_factory=Music)
     probes: Probes = field(default_factory=Probes)
     optim: OptimConfig = field(default_factory=OptimConfig)

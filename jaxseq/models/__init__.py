@@ -5,7 +5,8 @@ how to build it for a task's `spec` (`Task.model_spec(data)`: {"interface": "lm"
 {"interface": "classifier", "num_classes": C, "d_input": D} (feature series) or {"interface":
 "documents", "num_classes": C, "vocab_size": V, "pool": "mean" | "last"} (token documents: a
 `TokenClassifier` over the family's language model), or {"interface": "seq2seq", "source": "tokens" |
-"image", "src_vocab_size": V_s, "vocab_size": V_t}). The CLI's `--model` choices, the
+"image", "src_vocab_size": V_s, "vocab_size": V_t}, or {"interface": "images", "height": H, "width":
+W, "levels": L} (grey images pixel by pixel: jaxseq.models.pixelrnn)). The CLI's `--model` choices, the
 checkpoint's architecture check and `build_model` all read this table, so a new cell needs its class
 and one line below.
 """
@@ -22,6 +23,7 @@ from jaxseq.errors import ConfigError
 
 LM, CLASSIFIER, SEQ2SEQ = "lm", "classifier", "seq2seq"
 DOCUMENTS = "documents"  # classifying token documents: a TokenClassifier over a language model's body
+IMAGES = "images"  # images pixel by pixel, {"height", "width", "levels"}: jaxseq.models.pixelrnn
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,29 @@ def _transformer(t, spec, kernels):
     return TransformerLM.from_config(t, spec["vocab_size"], kernels=kernels)
 
 
+def pixel_model(name: str):
+    """Builder of an image model for an images `spec` ({"height", "width", "levels"}): "row-lstm",
+    "diagonal-bilstm" (jaxseq.models.pixelrnn) or "pixel-lstm" (jaxseq.models.pixel_lstm)."""
+
+    def build(p, spec, kernels):
+        for field in ("d_hidden", "num_layers", "d_head"):
+            if getattr(p, field) < 1:
+                raise ConfigError(f"--pixelrnn.{field.replace('_', '-')} must be >= 1, got {getattr(p, field)}.")
+        sizes = {"levels": spec["levels"], "height": spec["height"], "width": spec["width"]}
+        if name == "pixel-lstm":
+            from jaxseq.models.pixel_lstm import PixelLSTM
+
+            return PixelLSTM(**sizes, d_hidden=p.d_hidden, num_layers=p.num_layers, kernels=kernels)
+        from jaxseq.models.pixelrnn import PixelRNN
+
+        if p.first_kernel < 1 or p.first_kernel % 2 == 0:
+            raise ConfigError(f"--pixelrnn.first-kernel must be odd and >= 1, got {p.first_kernel}.")
+        return PixelRNN(**sizes, kind="row" if name == "row-lstm" else "diagonal", d_hidden=p.d_hidden,
+                        num_layers=p.num_layers, d_head=p.d_head, first_kernel=p.first_kernel, kernels=kernels)
+
+    return build
+
+
 def seq2seq(cell_kind: str, score: str | None):
     """Builder of an RNN encoder-decoder over `cell_kind` cells; score: None, "bahdanau" or "luong"."""
 
@@ -114,6 +139,9 @@ MODELS: dict[str, ModelEntry] = {
     "minlstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinLSTM(d, r.d_hidden, norm=r.residual))),
     "lru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.LRU(d, r.d_hidden, norm=r.residual, glu=r.residual))),
 }
+# PixelRNN (--pixelrnn.*): Row LSTM, Diagonal BiLSTM, and the baseline LSTM over the flattened pixels.
+for _name in ("row-lstm", "diagonal-bilstm", "pixel-lstm"):
+    MODELS[_name] = ModelEntry("pixelrnn", frozenset({IMAGES}), pixel_model(_name))
 # Encoder-decoders (--seq2seq.*): Sutskever et al. without attention; Bahdanau's additive and Luong's
 # multiplicative attention (jaxseq.attention_cells).
 for _kind in ("rnn", "lstm", "gru"):

@@ -22,9 +22,11 @@ A new task is one file here and one line in TASKS.
 
 from __future__ import annotations
 
+from jaxseq.tasks.audio import Audio
 from jaxseq.tasks.captioning import Captioning
 from jaxseq.tasks.char_lm import CharLM
 from jaxseq.tasks.common import evaluate_sums, means, sum_over
+from jaxseq.tasks.images import Images
 from jaxseq.tasks.mnist1d import MNIST1D
 from jaxseq.tasks.music import Music
 from jaxseq.tasks.probes import Probes
@@ -38,8 +40,10 @@ TASKS = {
     "stdlib_docs": StdlibDocs,
     "translation": Translation,
     "captioning": Captioning,
+    "audio": Audio,
+    "images": Images,
     "music": Music,
     "probes": Probes,
 }
 
-__all__ = ["TASKS", "Captioning", "CharLM", "MNIST1D", "Music", "Probes", "StdlibDocs", "Translation", "evaluate_sums", "means", "sum_over"]
+__all__ = ["TASKS", "Audio", "Captioning", "CharLM", "Images", "MNIST1D", "Music", "Probes", "StdlibDocs", "Translation", "evaluate_sums", "means", "sum_over"]
