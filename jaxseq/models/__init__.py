@@ -5,8 +5,9 @@ how to build it for a task's `spec` (`Task.model_spec(data)`: {"interface": "lm"
 {"interface": "classifier", "num_classes": C, "d_input": D} (feature series) or {"interface":
 "documents", "num_classes": C, "vocab_size": V, "pool": "mean" | "last"} (token documents: a
 `TokenClassifier` over the family's language model), or {"interface": "seq2seq", "source": "tokens" |
-"image", "src_vocab_size": V_s, "vocab_size": V_t}, or {"interface": "images", "height": H, "width":
-W, "levels": L} (grey images pixel by pixel: jaxseq.models.pixelrnn)). The CLI's `--model` choices, the
+"image", "src_vocab_size": V_s, "vocab_size": V_t}, or {"interface": "frames", "d_frame": P} (binary
+frames such as piano rolls: jaxseq.models.frames), or {"interface": "images", "height": H, "width": W,
+"levels": L} (grey images pixel by pixel: jaxseq.models.pixelrnn)). The CLI's `--model` choices, the
 checkpoint's architecture check and `build_model` all read this table, so a new cell needs its class
 and one line below.
 """
@@ -23,6 +24,7 @@ from jaxseq.errors import ConfigError
 
 LM, CLASSIFIER, SEQ2SEQ = "lm", "classifier", "seq2seq"
 DOCUMENTS = "documents"  # classifying token documents: a TokenClassifier over a language model's body
+FRAMES = "frames"  # binary frames (piano rolls), a Bernoulli per unit: jaxseq.models.frames
 IMAGES = "images"  # images pixel by pixel, {"height", "width", "levels"}: jaxseq.models.pixelrnn
 
 
@@ -42,6 +44,10 @@ def recurrent(make_layer):
         first = make_layer(r.d_embed, r)
         layers = [first] + [make_layer(first.d_out, r) for _ in range(r.num_layers - 1)]
         cell = layers[0] if len(layers) == 1 else stack(layers, residual=r.residual, dropout=r.dropout)
+        if spec["interface"] == FRAMES:
+            from jaxseq.models.frames import FrameRNN
+
+            return FrameRNN(spec["d_frame"], cell, d_embed=r.d_embed, dropout=r.dropout, kernels=kernels)
         if spec["interface"] == DOCUMENTS:
             return token_classifier(build(r, {"interface": LM, "vocab_size": spec["vocab_size"]}, kernels), spec)
         if spec["interface"] == CLASSIFIER:
@@ -65,6 +71,10 @@ def token_classifier(lm, spec: dict):
 
 
 def _transformer(t, spec, kernels):
+    if spec["interface"] == FRAMES:
+        from jaxseq.models.frames import FrameTransformer
+
+        return FrameTransformer.from_config(t, spec["d_frame"], kernels=kernels)
     if spec["interface"] == DOCUMENTS:
         return token_classifier(_transformer(t, {"interface": LM, "vocab_size": spec["vocab_size"]}, kernels), spec)
     if spec["interface"] == SEQ2SEQ:
@@ -126,7 +136,7 @@ def _additive(a, spec, kernels):
     return token_classifier(lm, spec) if spec["interface"] == DOCUMENTS else lm
 
 
-SEQUENCE = frozenset({LM, CLASSIFIER, DOCUMENTS})
+SEQUENCE = frozenset({LM, CLASSIFIER, DOCUMENTS, FRAMES})
 # --rnn.residual also makes each linear cell the papers' pre-norm block (see jaxseq.linear_cells).
 MODELS: dict[str, ModelEntry] = {
     "ngram": ModelEntry("ngram", frozenset({LM}), _ngram),
@@ -134,7 +144,7 @@ MODELS: dict[str, ModelEntry] = {
     "rnn": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.Elman(d, r.d_hidden, nonlinearity=r.nonlinearity))),
     "lstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.LSTM(d, r.d_hidden))),
     "gru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.GRU(d, r.d_hidden))),
-    "transformer": ModelEntry("transformer", frozenset({LM, DOCUMENTS, SEQ2SEQ}), _transformer),
+    "transformer": ModelEntry("transformer", frozenset({LM, DOCUMENTS, SEQ2SEQ, FRAMES}), _transformer),
     "mingru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinGRU(d, r.d_hidden, norm=r.residual))),
     "minlstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinLSTM(d, r.d_hidden, norm=r.residual))),
     "lru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.LRU(d, r.d_hidden, norm=r.residual, glu=r.residual))),
