@@ -20,6 +20,7 @@ from typing import Literal
 
 from jaxseq.models import MODELS
 from jaxseq.tasks import TASKS
+from jaxseq.tasks.audio import Audio
 from jaxseq.tasks.captioning import Captioning
 from jaxseq.tasks.char_lm import CharLM
 from jaxseq.tasks.images import Images
@@ -90,6 +91,20 @@ class AdditiveConfig:
 
 
 @dataclass(frozen=True)
+class ConvConfig:
+    """The causal convolutional LM (--model conv): gated residual blocks of dilated causal convolutions."""
+
+    channels: int = 128
+    """Width of every block."""
+    kernel_size: int = 2
+    """Taps per convolution."""
+    dilation_cycle: int = 8
+    """Blocks per cycle, dilated 1, 2, ..., 2^(cycle-1) (8: a receptive field of 256 tokens at kernel 2)."""
+    repeats: int = 1
+    """Cycles of blocks."""
+
+
+@dataclass(frozen=True)
 class TransformerConfig:
     """GPT-style pre-LayerNorm decoder."""
 
@@ -111,6 +126,22 @@ class TransformerConfig:
     """Share the token embedding with the output projection."""
     num_kv_heads: int | None = None
     """Key/value heads: None = num_heads (multi-head), 1 = multi-query, a divisor of num_heads = grouped-query."""
+
+
+@dataclass(frozen=True)
+class WaveNetConfig:
+    """WaveNet over mu-law audio (--model wavenet): dilated causal convolutions, gated units, speaker conditioning."""
+
+    channels: int = 32
+    """Width of the residual stream (each dilated convolution outputs twice this for the gate)."""
+    skip_channels: int = 64
+    """Width of the skip connections' sum and of the output layers."""
+    dilation_cycle: int = 8
+    """Layers per block, dilated 1, 2, ..., 2^(cycle-1)."""
+    repeats: int = 2
+    """Blocks of dilation_cycle layers (the defaults: a receptive field of 512 samples)."""
+    kernel_size: int = 2
+    """Taps of each dilated convolution."""
 
 
 @dataclass(frozen=True)
@@ -213,8 +244,8 @@ class TrainConfig:
     """What to learn; its section (--char-lm.*, --mnist1d.*, --stdlib-docs.*, --translation.*,
     --captioning.*, --probes.*, --music.*) sets its data and batches."""
     model: ModelKind = "lstm"
-    """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*, --seq2seq.*) sets
-    its size."""
+    """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*, --conv.*,
+    --seq2seq.*) sets its size."""
     kernels: KernelPolicy = "auto"
     """Which implementations run the recurrences and attention: "auto" (the fastest eligible one on this
     machine, see jaxseq.kernels) or "reference" (lax.scan of each cell's step; XLA's dense attention).
@@ -223,13 +254,16 @@ class TrainConfig:
     ngram: NGramConfig = field(default_factory=NGramConfig)
     additive: AdditiveConfig = field(default_factory=AdditiveConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    conv: ConvConfig = field(default_factory=ConvConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    wavenet: WaveNetConfig = field(default_factory=WaveNetConfig)
     pixelrnn: PixelRNNConfig = field(default_factory=PixelRNNConfig)
     char_lm: CharLM = field(default_factory=CharLM)
     mnist1d: MNIST1D = field(default_factory=MNIST1D)
     stdlib_docs: StdlibDocs = field(default_factory=StdlibDocs)
     translation: Translation = field(default_factory=Translation)
     captioning: Captioning = field(default_factory=Captioning)
+    audio: Audio = field(default_factory=Audio)
     images: Images = field(default_factory=Images)
     music: Music = field(default_factory=Music)
     probes: Probes = field(default_factory=Probes)

@@ -24,6 +24,7 @@ from jaxseq.errors import ConfigError
 
 LM, CLASSIFIER, SEQ2SEQ = "lm", "classifier", "seq2seq"
 DOCUMENTS = "documents"  # classifying token documents: a TokenClassifier over a language model's body
+AUDIO = "audio"  # mu-law audio codes with a speaker id ({"levels": 256, "num_speakers": S}): jaxseq.models.wavenet
 FRAMES = "frames"  # binary frames (piano rolls), a Bernoulli per unit: jaxseq.models.frames
 IMAGES = "images"  # images pixel by pixel, {"height", "width", "levels"}: jaxseq.models.pixelrnn
 
@@ -48,6 +49,11 @@ def recurrent(make_layer):
             from jaxseq.models.frames import FrameRNN
 
             return FrameRNN(spec["d_frame"], cell, d_embed=r.d_embed, dropout=r.dropout, kernels=kernels)
+        if spec["interface"] == AUDIO:
+            from jaxseq.models.wavenet import MuLawRNN
+
+            return MuLawRNN(cell, levels=spec["levels"], num_speakers=spec["num_speakers"], d_embed=r.d_embed,
+                            kernels=kernels)
         if spec["interface"] == DOCUMENTS:
             return token_classifier(build(r, {"interface": LM, "vocab_size": spec["vocab_size"]}, kernels), spec)
         if spec["interface"] == CLASSIFIER:
@@ -136,6 +142,20 @@ def _additive(a, spec, kernels):
     return token_classifier(lm, spec) if spec["interface"] == DOCUMENTS else lm
 
 
+def _conv(c, spec, kernels):
+    from jaxseq.models.conv_lm import ConvLM
+
+    lm = ConvLM(spec["vocab_size"], channels=c.channels, kernel_size=c.kernel_size,
+                dilation_cycle=c.dilation_cycle, repeats=c.repeats)
+    return token_classifier(lm, spec) if spec["interface"] == DOCUMENTS else lm
+
+
+def _wavenet(w, spec, kernels):
+    from jaxseq.models.wavenet import build_wavenet
+
+    return build_wavenet(w, spec)
+
+
 SEQUENCE = frozenset({LM, CLASSIFIER, DOCUMENTS, FRAMES})
 # --rnn.residual also makes each linear cell the papers' pre-norm block (see jaxseq.linear_cells).
 MODELS: dict[str, ModelEntry] = {
@@ -144,6 +164,7 @@ MODELS: dict[str, ModelEntry] = {
     "rnn": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.Elman(d, r.d_hidden, nonlinearity=r.nonlinearity))),
     "lstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.LSTM(d, r.d_hidden))),
     "gru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: C.GRU(d, r.d_hidden))),
+    "conv": ModelEntry("conv", frozenset({LM, DOCUMENTS}), _conv),
     "transformer": ModelEntry("transformer", frozenset({LM, DOCUMENTS, SEQ2SEQ, FRAMES}), _transformer),
     "mingru": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinGRU(d, r.d_hidden, norm=r.residual))),
     "minlstm": ModelEntry("rnn", SEQUENCE, recurrent(lambda d, r: L.MinLSTM(d, r.d_hidden, norm=r.residual))),
@@ -157,6 +178,10 @@ for _name in ("row-lstm", "diagonal-bilstm", "pixel-lstm"):
 for _kind in ("rnn", "lstm", "gru"):
     for _suffix, _score in (("seq2seq", None), ("bahdanau", "bahdanau"), ("luong", "luong")):
         MODELS[f"{_kind}-{_suffix}"] = ModelEntry("seq2seq", frozenset({SEQ2SEQ}), seq2seq(_kind, _score))
+# Audio (--task audio): WaveNet (--wavenet.*), and the recurrent families over samples as its baseline.
+MODELS["wavenet"] = ModelEntry("wavenet", frozenset({AUDIO}), _wavenet)
+for _kind in ("rnn", "lstm", "gru", "mingru", "minlstm", "lru"):
+    MODELS[_kind] = ModelEntry(MODELS[_kind].section, MODELS[_kind].serves | {AUDIO}, MODELS[_kind].build)
 
 
 def build_model(config, spec: dict):
