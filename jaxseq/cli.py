@@ -55,6 +55,10 @@ class SampleArgs:
     """> 0: beam search with this many beams instead of sampling (prints the best beam per prompt)."""
     seed: int = 0
     """Seed of the sampling."""
+    speaker: int | None = None
+    """An audio run: generate only this speaker id (None: every speaker of the run)."""
+    seconds: float = 0.0
+    """An audio run: seconds of audio per WAV file (0: the run's --audio.sample-seconds)."""
     out: str = ""
     """Where a run of a task that renders files (images: PNG, audio: WAV, music: MIDI) writes them;
     empty: RUN_DIR/samples."""
