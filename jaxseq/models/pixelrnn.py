@@ -16,7 +16,10 @@ kind "diagonal" (Diagonal BiLSTM): the map is skewed (row i shifted right by i) 
   of the skewed map is one diagonal; an LSTM runs over those columns with a 1x1 input-to-state and a
   2x1 state-to-state convolution (rows i-1 and i of the previous column, i.e. the pixels above and to
   the left). A second LSTM runs over the mirrored image (right to left); its output is shifted down
-  by one row before the two are added, so no pixel sees its own row's future.
+  by one row before the two are added, so no pixel sees its own row's future. Its context is the
+  whole past but one pixel: the last pixel of the row above, which (mask A) enters only at positions
+  after it, reaches the row below from column W - 1 - first_kernel // 2 on. The Row LSTM's context is
+  a triangle above the pixel (plus the first convolution's reach to the left).
 
 Both recurrences are one pure cell, `LineLSTM`, run by `jaxseq.unroll` (parallel form) or its `step`.
 
@@ -227,6 +230,11 @@ class PixelRNN(nn.Module):
         B, H, W, G = x.shape
         s = skew(x)  # [B, H, T, 4h], T = W + H - 1
         T = s.shape[2]
+        # Left of the image (column c < row i) the input gate is shut, so c and h stay exactly zero there,
+        # the boundary a pixel in column 0 reads, as on the image's other edges.
+        left = (np.arange(T)[None, :] < np.arange(H)[:, None])[None, :, :, None]
+        input_gate = (np.arange(G) < self.d_hidden)[None, None, None, :]
+        s = jnp.where(left & input_gate, jnp.asarray(-1e30, s.dtype), s)
         ys, _ = rnn(s.transpose(0, 2, 1, 3).reshape(B, T, H * G))
         return unskew(ys.reshape(B, T, H, self.d_hidden).transpose(0, 2, 1, 3), W)
 
