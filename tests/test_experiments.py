@@ -90,3 +90,14 @@ def test_transfer_quick(tmp_path):
     record = json.loads((tmp_path / "cls-lstm-pretrained-50-4" / "init_from.json").read_text())
     assert record["step"] == rows[1]["steps"]
     assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file
+
+
+def test_music_quick(tmp_path):
+    pytest.importorskip("music21")
+    exp = load("music")
+    rows = exp.main(exp.Args(quick=True, families=("gru",), run_root=str(tmp_path), out=str(tmp_path / "out.jsonl")))
+    assert [(r["table"], r["model"]) for r in rows] == [("folk", "lstm"), ("chorales", "gru")]
+    folk, gru = rows
+    assert folk["tunes_sampled"] == 4 and 0.0 <= folk["valid_fraction"] <= 1.0 and folk["skipped_parse"] >= 0
+    assert abs(gru["params"] - 20_000) <= 1_000 and np.isfinite(gru["val_nll_frame"]) and gru["steps"] == 4
+    assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file

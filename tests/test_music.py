@@ -110,7 +110,7 @@ def _frame_models(P):
     return {
         "lstm": FrameRNN(P, LSTM(8, 16), d_embed=8),
         "gru": FrameRNN(P, GRU(8, 16), d_embed=8),
-        "transformer": FrameTransformer(P, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=12),
+        "transformer": FrameTransformer(P, num_layers=2, num_heads=2, d_model=8, d_ff=16, max_len=8),
     }
 
 
@@ -127,10 +127,8 @@ def test_frame_models_parallel_and_recurrent_forms_agree(name):
     for t in range(T):
         state, logits = step(state, frames[:, t])
         steps.append(logits)
+    # Equal at every position: so the parallel form is causal too (the step never sees later frames).
     np.testing.assert_allclose(np.stack(steps, 1), parallel, rtol=1e-4, atol=1e-5)
-    # Causality: logits at t do not depend on frames after t.
-    grad = jax.grad(lambda f: model.apply(variables, f)[:, 4].sum())(frames)
-    assert float(jnp.abs(grad[:, 5:]).max()) == 0.0 and float(jnp.abs(grad[:, 4]).max()) > 0.0
 
 
 def test_frame_models_check_shapes_and_sample_binary_frames():
@@ -151,6 +149,9 @@ def test_model_table_builds_frame_models_for_every_family():
         x = jax.ShapeDtypeStruct((2, 3, 46), jnp.float32)
         variables = jax.eval_shape(model.init, jax.random.key(0), x)  # traced, not run: shapes only
         assert jax.eval_shape(model.apply, variables, x).shape == (2, 3, 46), name
+    # Learned positions shorter than the chorales the task evaluates: refused before any training.
+    with pytest.raises(ConfigError, match="--transformer.max-len is 256"):
+        build_model(TrainConfig(task="music", model="transformer"), {**spec, "max_len": 773})
 
 
 def _toy_chorales(n=12, P=5):

@@ -78,9 +78,9 @@ def token_classifier(lm, spec: dict):
 
 def _transformer(t, spec, kernels):
     if spec["interface"] == FRAMES:
-        from jaxseq.models.frames import FrameTransformer
+        from jaxseq.models.frames import build_frame_transformer
 
-        return FrameTransformer.from_config(t, spec["d_frame"], kernels=kernels)
+        return build_frame_transformer(t, spec, kernels)
     if spec["interface"] == DOCUMENTS:
         return token_classifier(_transformer(t, {"interface": LM, "vocab_size": spec["vocab_size"]}, kernels), spec)
     if spec["interface"] == SEQ2SEQ:

@@ -156,6 +156,17 @@ class FrameTransformer(nn.Module):
         return tuple(new_state), self.head(self.ln_f(x[:, 0])).astype(jnp.float32)
 
 
+def build_frame_transformer(t, spec: dict, kernels: str) -> FrameTransformer:
+    """The model table's builder for a frames `spec`; `spec["max_len"]` (the longest sequence the task
+    evaluates, if it says) must fit learned positions, checked here before any training."""
+    longest = spec.get("max_len", 0)
+    if t.positional == "learned" and longest > t.max_len:
+        raise ConfigError(f"the task evaluates sequences of {longest} frames but --transformer.max-len is "
+                          f"{t.max_len}; raise it to >= {longest}, use --transformer.positional rope, or lower "
+                          f"the task's evaluation length (--music.eval-len).")
+    return FrameTransformer.from_config(t, spec["d_frame"], kernels=kernels)
+
+
 def sample_frames(model, variables, *, num_samples: int, num_frames: int, key, temperature: float = 1.0,
                   first=None):
     """Draw binary frame sequences from a frame model's recurrent form: float32 [num_samples, num_frames, P].

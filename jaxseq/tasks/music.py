@@ -162,7 +162,8 @@ class Music:
     def model_spec(self, data) -> dict:
         if self.folk:
             return {"interface": "lm", "vocab_size": data.tokenizer.vocab_size}
-        return {"interface": "frames", "d_frame": self.d_frame}
+        longest = max(len(s) - 1 for s in data.val)  # the evaluation rows' length: a Transformer must reach it
+        return {"interface": "frames", "d_frame": self.d_frame, "max_len": min(longest, self.eval_len)}
 
     def example_inputs(self, data):
         if self.folk:
