@@ -101,3 +101,16 @@ def test_music_quick(tmp_path):
     assert folk["tunes_sampled"] == 4 and 0.0 <= folk["valid_fraction"] <= 1.0 and folk["skipped_parse"] >= 0
     assert abs(gru["params"] - 20_000) <= 1_000 and np.isfinite(gru["val_nll_frame"]) and gru["steps"] == 4
     assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file
+
+
+def test_pixelrnn_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    exp = load("pixelrnn")
+    rows = exp.main(exp.Args(quick=True, models=("row-lstm",), run_root=str(tmp_path), out=str(tmp_path / "out.jsonl")))
+    [row] = rows
+    assert row["model"] == "row-lstm" and row["steps"] == 6 and [s for s, _ in row["curve"]] == [6]
+    # near a uniform guess after 6 steps; independent pixels (per-position histograms) already far below it
+    assert 2.0 < row["test_bits_per_dim"] < row["uniform_bits_per_dim"] + 0.5 and row["independent_bits_per_dim"] < 3.0
+    samples = np.asarray(row["samples"])
+    assert samples.shape == (2, 8, 8) and samples.min() >= 0 and samples.max() < 17
+    assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file

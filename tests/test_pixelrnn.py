@@ -3,6 +3,8 @@ by gradients, bad input."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +28,11 @@ def images(batch=2, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, LEVELS, (batch, H, W)), jnp.int32)
 
 
-def init(model, x):
-    return model.init(jax.random.key(1), x)
+@functools.cache
+def built(name):
+    """(model, variables), initialised once per test session (jitted: one compile, not one per op)."""
+    model = models()[name]
+    return model, jax.jit(model.init)(jax.random.key(1), images())
 
 
 def _sigmoid(z):
@@ -42,11 +47,9 @@ def _lstm(z, c_prev):
 
 def test_row_lstm_matches_numpy_loop():
     """Row LSTM layer: h[i, j] from x[i, j] and h[i-1, j-1..j+1]; c[i, j] from c[i-1, j]."""
-    model = models()["row"]
-    x = images()
-    variables = init(model, x)
+    model, variables = built("row")
     g = np.random.default_rng(2).normal(size=(2, H, W, 4 * 3)).astype(np.float32)
-    got = model.apply(variables, jnp.asarray(g), method=lambda m, v: m.rnn[0](v.reshape(2, H, -1))[0])
+    got = jax.jit(lambda v: model.apply(variables, v, method=lambda m, v: m.rnn[0](v.reshape(2, H, -1))[0]))(g)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"]["rnn_0"]["cell"])
     h = np.zeros((2, H + 1, W + 2, 3))  # a zero row above, zero columns at both sides
     c = np.zeros((2, H + 1, W, 3))
@@ -59,11 +62,9 @@ def test_row_lstm_matches_numpy_loop():
 
 def test_diagonal_lstm_matches_numpy_loop():
     """Diagonal LSTM over the skewed map: h[i, j] from x[i, j], h[i-1, j] and h[i, j-1]; c[i, j] from c[i, j-1]."""
-    model = models()["diagonal"]
-    x = images()
-    variables = init(model, x)
+    model, variables = built("diagonal")
     g = np.random.default_rng(3).normal(size=(2, H, W, 4 * 3)).astype(np.float32)
-    got = model.apply(variables, jnp.asarray(g), method=lambda m, v: m._diagonal_lstm(m.rnn[0][0], v))
+    got = jax.jit(lambda v: model.apply(variables, v, method=lambda m, v: m._diagonal_lstm(m.rnn[0][0], v)))(g)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"]["rnn_lr_0"]["cell"])
     h = np.zeros((2, H + 1, W + 1, 3))
     c = np.zeros((2, H, W + 1, 3))
@@ -87,10 +88,9 @@ def test_skew_round_trip_and_masks():
 
 @pytest.mark.parametrize("name", ["row", "diagonal", "pixel-lstm"])
 def test_parallel_form_equals_pixel_by_pixel_steps(name):
-    model = models()[name]
+    model, variables = built(name)
     x = images(seed=4)
-    variables = init(model, x)
-    parallel = model.apply(variables, x)  # [B, H, W, levels]
+    parallel = jax.jit(model.apply)(variables, x)  # [B, H, W, levels]
     state = model.apply(variables, 2, None, method="init_state")
     step = jax.jit(lambda s, tok: model.apply(variables, s, tok, method="step"))
     flat = np.asarray(x).reshape(2, -1)
@@ -100,12 +100,10 @@ def test_parallel_form_equals_pixel_by_pixel_steps(name):
         np.testing.assert_allclose(logits, parallel[:, t // W, t % W], atol=1e-5, err_msg=f"pixel {t}")
 
 
-@pytest.mark.parametrize("name", ["row", "diagonal", "pixel-lstm"])
-def test_greedy_sample_is_the_parallel_argmax(name):
+def test_greedy_sample_is_the_parallel_argmax():
     """jaxseq.decoding.sample through the step protocol: each greedy pixel is the parallel form's argmax
-    on the generated image itself."""
-    model = models()[name]
-    variables = init(model, images())
+    on the generated image itself. (The Row LSTM samples through it in test_images.py.)"""
+    model, variables = built("diagonal")
     out = decoding.sample(model, variables, jnp.full((3, 1), LEVELS, jnp.int32), max_new_tokens=H * W, temperature=0.0)
     generated = np.asarray(out.tokens[:, 1:]).reshape(3, H, W)
     assert generated.max() < LEVELS
@@ -116,10 +114,8 @@ def test_greedy_sample_is_the_parallel_argmax(name):
 def test_causality_by_gradients(name):
     """d logits(pixel i) / d input(pixel j) is exactly zero for j >= i in raster order, nonzero for the
     pixels left of and above i."""
-    model = models()[name]
-    x = images(batch=1, seed=5)
-    variables = init(model, x)
-    xs = model.apply(variables, x, method="pixel_inputs")  # [1, H, W, D]
+    model, variables = built(name)
+    xs = model.apply(variables, images(batch=1, seed=5), method="pixel_inputs")  # [1, H, W, D]
     # At a random point of input space rather than at the pixels' few values, so that no ReLU of these
     # tiny models is off at every unit of a position (which would zero a gradient the model can have).
     xs = jax.random.normal(jax.random.key(6), xs.shape)
@@ -127,7 +123,7 @@ def test_causality_by_gradients(name):
     def logits(inputs):
         return model.apply(variables, inputs, method="logits_from_inputs")[0]  # [H, W, levels]
 
-    jac = jax.jacrev(logits)(xs)  # [H, W, levels, 1, H, W, D]
+    jac = jax.jit(jax.jacrev(logits))(xs)  # [H, W, levels, 1, H, W, D]
     size = np.abs(np.asarray(jac, np.float64)).sum(axis=(2, 3, 6)).reshape(H * W, H * W)  # [i, j]
     future = np.triu(np.ones((H * W, H * W), bool))  # j >= i
     assert size[future].max() == 0.0
@@ -153,8 +149,7 @@ def test_causality_by_gradients(name):
 
 @pytest.mark.parametrize("name", ["row", "diagonal", "pixel-lstm"])
 def test_bad_images_are_refused(name):
-    model = models()[name]
-    variables = init(model, images())
+    model, variables = built(name)
     with pytest.raises(ShapeError, match=f"built for {H}x{W}"):
         model.apply(variables, jnp.zeros((2, W, H), jnp.int32))
     with pytest.raises(TokenRangeError, match=f"outside \\[0, {LEVELS}\\)"):
