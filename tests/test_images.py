@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseq.errors import ConfigError, DataError, ShapeError
+from jaxseq.errors import ConfigError, DataError, ShapeError, TokenRangeError
 from jaxseq.models.pixelrnn import PixelRNN
 from jaxseq.tasks.images import Images, image_grid, read_idx, write_png
 
@@ -75,6 +75,8 @@ def test_batches_are_pure_and_checked():
     model = PixelRNN(17, 8, 8, d_hidden=2, num_layers=1, d_head=4, first_kernel=3)
     with pytest.raises(ShapeError, match="holds 8x8 images"):  # refused before the model runs
         task.loss(model, None, {"inputs": np.zeros((2, 28, 28), np.int32), "weight": np.ones(2, bool)})
+    with pytest.raises(TokenRangeError, match="holds id 17, outside \\[0, 17\\)"):  # deeper than 17 levels
+        task.loss(model, None, {"inputs": np.full((2, 8, 8), 17, np.int32), "weight": np.ones(2, bool)})
 
 
 def test_bits_per_dim_is_exact_over_the_test_set():

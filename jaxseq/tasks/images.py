@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxseq.checks import check_tokens
 from jaxseq.errors import ConfigError, DataError, ShapeError
 from jaxseq.tasks.common import epoch_rows, evaluate_sums, padded_rows
 
@@ -104,10 +105,11 @@ class Images:
     def loss(self, model, variables, batch, rng=None):
         """Mean NLL per pixel (nats) over weighted images; sums: count (pixels), sum_loss, sum_bits_per_dim."""
         images = batch["inputs"]
-        h, w, _ = self.shape()
-        if tuple(images.shape[1:]) != (h, w):
-            raise ShapeError(f"an images batch has shape {tuple(images.shape)}, but --images.dataset {self.dataset} "
+        h, w, levels = self.shape()
+        if np.ndim(images) != 3 or tuple(images.shape[1:]) != (h, w):
+            raise ShapeError(f"an images batch has shape {tuple(np.shape(images))}, but --images.dataset {self.dataset} "
                              f"holds {h}x{w} images ([batch, {h}, {w}]).")
+        check_tokens(images, levels, name="an images batch", ndim=3)  # the depth, where the values are known
         logits = model.apply(variables, images).astype(jnp.float32)  # [B, H, W, levels]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, images).sum(axis=(1, 2))  # nats per image
         weight = batch["weight"]
