@@ -143,3 +143,12 @@ def test_train_learns_each_speakers_distribution_and_sample_writes_wavs(tmp_path
     assert 0.5 * SIGMAS["low"] < x.std() < 2 * SIGMAS["low"]  # the low speaker's level, not the high one's
     with pytest.raises(ConfigError, match="--speaker 2 is out of range"):
         sample_command(SampleArgs(run_dir=str(tmp_path / "run"), speaker=2))
+
+
+def test_sample_speaker_out_of_range_names_the_flag(tmp_path):
+    (tmp_path / "speakers.json").write_text('["en-us", "en+m3"]')
+    task = Audio(voices=("en-us", "en+m3"))
+    with pytest.raises(ConfigError, match=r"--speaker 2 is out of range: this run has 2 speakers, ids 0..1 \(0: en-us, 1: en\+m3\)"):
+        task.write_samples(None, SampleArgs(run_dir=str(tmp_path), speaker=2))
+    with pytest.raises(ConfigError, match="--seconds"):
+        task.write_samples(None, SampleArgs(run_dir=str(tmp_path), seconds=-1.0))

@@ -77,6 +77,19 @@ def test_memory_policy_quick(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_wavenet_speech_quick(tmp_path):
+    pytest.importorskip("espeakng_loader")
+    exp = load("wavenet_speech")
+    rows = exp.main(exp.Args(quick=True, run_root=str(tmp_path), out=str(tmp_path / "out.jsonl")))
+    assert [r["model"] for r in rows] == ["wavenet", "lstm"]
+    for row in rows:  # both scored on the same held-out windows, near the 8 bits of a uniform guess
+        assert row["test_samples"] == rows[0]["test_samples"] > 0 and 6.0 < row["test_bits"] < 9.0, row
+        assert row["steps"] == 4 and [s for s, _ in row["curve"]] == [2, 4] and row["params"] > 0
+    assert rows[0]["receptive_field"] == 9
+    assert (tmp_path / "wavenet_speech.png").is_file() and (tmp_path / "wavenet_speech_spectrograms.png").is_file()
+    assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file
+
+
 def test_transfer_quick(tmp_path):
     pytest.importorskip("sklearn")
     exp = load("transfer")

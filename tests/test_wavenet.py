@@ -14,8 +14,9 @@ from jaxseq.models.wavenet import MuLawRNN, WaveNet, build_wavenet, generate
 B, T, S = 2, 40, 3
 
 
-def _tiny(kernel_size=2):
-    return WaveNet(num_speakers=S, channels=8, skip_channels=12, dilation_cycle=3, repeats=2, kernel_size=kernel_size)
+def _tiny(kernel_size=2, ring=True):
+    return WaveNet(num_speakers=S, channels=8, skip_channels=12, dilation_cycle=3, repeats=2, kernel_size=kernel_size,
+                   ring=ring)
 
 
 def _init(model, seed, *args):
@@ -46,11 +47,12 @@ def _stepped_logits(model, variables, codes, speaker):
     return run(variables, codes, speaker)
 
 
-@pytest.mark.parametrize("kernel_size", [2, 3])
-def test_queued_steps_reproduce_parallel_logits_at_every_step(kernel_size):
-    model = _tiny(kernel_size)
+@pytest.mark.parametrize("kernel_size,ring", [(2, True), (3, True), (2, False)])
+def test_queued_steps_reproduce_parallel_logits_at_every_step(kernel_size, ring):
+    model = _tiny(kernel_size, ring)
     codes, speaker = _inputs(kernel_size)
     assert model.receptive_field < T  # the ring buffers wrap around within the sequence
+    assert len(jax.tree.leaves(model.apply(_init(model, 0, codes, speaker), B, method="init_state"))) == 1 + 1 + 6
     variables = _init(model, kernel_size, codes, speaker)
     parallel = model.apply(variables, codes, speaker)
     assert parallel.shape == (B, T, 256)

@@ -45,6 +45,9 @@ class WaveNet(nn.Module):
     levels: mu-law classes (256); num_speakers: rows of the speaker embeddings; channels: residual
     width; skip_channels: width of the skip sum and the output layers; dilation_cycle: layers per
     block, dilations 1 .. 2**(cycle-1); repeats: blocks; kernel_size: taps of each dilated convolution.
+    ring: the recurrent form's queues are ring buffers indexed by the step (a step reads and writes
+    O(1) rows each); False shifts every queue by one row per step (moves the whole receptive field's
+    worth of rows; kept for the generation benchmark).
     """
 
     levels: int = 256
@@ -54,6 +57,7 @@ class WaveNet(nn.Module):
     dilation_cycle: int = 8
     repeats: int = 2
     kernel_size: int = 2
+    ring: bool = True
 
     @property
     def dilations(self) -> list[int]:
@@ -105,10 +109,11 @@ class WaveNet(nn.Module):
         """One sample: code int [B], speaker int [B] -> (state, logits [B, levels]), as __call__ at step t."""
         _check(code, speaker, self.levels, self.num_speakers, 1)
         t, queues = state["t"], list(state["queues"])
-        queues[0], x = self.input_conv.step(queues[0], self.embed(code), t)
+        t_ring = t if self.ring else None
+        queues[0], x = self.input_conv.step(queues[0], self.embed(code), t_ring)
         skip = 0.0
         for i, conv in enumerate(self.convs):
-            queues[i + 1], h = conv.step(queues[i + 1], x, t)
+            queues[i + 1], h = conv.step(queues[i + 1], x, t_ring)
             x, s = self._layer(i, h, x, speaker)
             skip = skip + s
         return {"t": t + 1, "queues": queues}, self._head(skip)
