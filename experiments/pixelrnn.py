@@ -16,7 +16,14 @@ step is reported in bits per dimension, next to two references computed here: un
 Samples: 16 images per model, drawn pixel by pixel through the recurrent form (temperature 1).
 
 Writes experiments/results/pixelrnn.jsonl (one line per model) and pixelrnn.png (test bits/dim against
-steps, and each model's samples). Measured: see experiments/README.md.
+steps, and each model's samples).
+
+Measured (the command above, seed 0; test bits/dim at step 2,000, lowest on the curve in brackets):
+Row LSTM (86,929 parameters) 1.833 (1.795 at step 1,000); Diagonal BiLSTM (79,249) 1.831 (1.793 at
+1,000); flattened-pixel LSTM, 128 wide (136,593) 1.852 (1.820 at 1,200). Independent pixels 2.366,
+uniform 4.087. The order is the paper's, but the gaps are small: 0.02 bits/dim between the baseline and
+the 2-D models, 0.002 between the two (one seed). On 64-pixel images one LSTM carries the whole past
+well; all three overfit the 1,500 training images after about 1,000 steps.
 """
 
 from __future__ import annotations
