@@ -166,9 +166,10 @@ def plot(rows, bench_path, path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in rows:
         steps, bits = zip(*r["curve"])
-        a.plot(steps, bits, "o-", label=f"{r['model']} ({r['params'] / 1e3:.0f}k params): {r['test_bits']:.2f}")
+        a.plot(steps, bits, "o-", label=f"{r['model']} ({r['params'] / 1e3:.0f}k params); all {r['test_samples']:,} "
+                                        f"test samples: {r['test_bits']:.2f}")
     a.set_xlabel("step")
-    a.set_ylabel("test bits / sample")
+    a.set_ylabel("bits / sample, first 64 test windows")
     a.set_title("mu-law speech, 4 espeak-ng voices, 16 kHz", fontsize=9)
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
