@@ -14,6 +14,8 @@ EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 
 
 def load(name: str):
+    if str(EXPERIMENTS) not in sys.path:  # experiments import their shared helpers (experiments/common.py)
+        sys.path.insert(0, str(EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
@@ -105,6 +107,19 @@ def test_transfer_quick(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file
 
 
+def test_long_range_quick(tmp_path):
+    exp = load("long_range")
+    rows = exp.main(exp.Args(quick=True, run_root=str(tmp_path), out=str(tmp_path / "out.jsonl")))
+    recall = [r for r in rows if r["kind"] == "recall"]
+    assert [r["family"] for r in recall] == ["ngram", "conv"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["distance"] == 3 for r in recall)
+    assert recall[0]["params"] == 0 and recall[1]["params"] > 0  # the n-gram is counted, not trained
+    cost = [r for r in rows if r["kind"] == "cost"]
+    assert {(r["family"], r["length"]) for r in cost} == {(f, T) for f in ("lstm", "conv") for T in (16, 32)}
+    assert all(r["s_per_1k_tokens"] > 0 for r in cost)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_music_quick(tmp_path):
     pytest.importorskip("music21")
     exp = load("music")
@@ -114,6 +129,22 @@ def test_music_quick(tmp_path):
     assert folk["tunes_sampled"] == 4 and 0.0 <= folk["valid_fraction"] <= 1.0 and folk["skipped_parse"] >= 0
     assert abs(gru["params"] - 20_000) <= 1_000 and np.isfinite(gru["val_nll_frame"]) and gru["steps"] == 4
     assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file
+
+
+def test_desiderata_quick(tmp_path):
+    exp = load("desiderata")
+    rows = exp.main(exp.Args(quick=True, run_root=str(tmp_path), out=str(tmp_path / "out.jsonl")))
+    probes = [r for r in rows if r["kind"] == "probe"]
+    assert {(r["family"], r["column"]) for r in probes} == {("ngram", "order"), ("gru", "order")}
+    assert all(0.0 <= r["score"] <= 1.0 for r in probes)
+    lm = {r["family"]: r for r in rows if r["kind"] == "lm"}
+    assert lm["ngram"]["steps_per_s"] is None and lm["gru"]["steps"] >= 1 and lm["gru"]["curve"]
+    text = exp.table(rows, exp.Args(families=("ngram", "gru")))
+    assert "Disagreements with the lecture" in text and "(lecture ✗)" in text
+    rows_text = text.splitlines()[2:4]
+    assert [r.split(" | ")[0] for r in rows_text] == ["| ngram", "| gru"]
+    assert all(r.split(" | ")[2] == "-" for r in rows_text)  # columns not measured show "-", not a cross
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_pixelrnn_quick(tmp_path):
@@ -127,3 +158,19 @@ def test_pixelrnn_quick(tmp_path):
     samples = np.asarray(row["samples"])
     assert samples.shape == (2, 8, 8) and samples.min() >= 0 and samples.max() < 17
     assert not (tmp_path / "out.jsonl").exists()  # a quick run never writes the results file
+
+
+def test_vanishing_gradients_quick(tmp_path):
+    exp = load("vanishing_gradients")
+    rows = exp.main(exp.Args(quick=True, run_root=str(tmp_path), out=str(tmp_path / "out.jsonl")))
+    scalar = {(r["regime"], r["w"]): r["norms"] for r in rows if r["kind"] == "scalar"}
+    # zero inputs keep h at 0: the gradient over k steps is exactly w^k (vanishing below 1, exploding above)
+    np.testing.assert_allclose(scalar["zero inputs", 0.9], 0.9 ** np.arange(1, 11), rtol=1e-3)
+    np.testing.assert_allclose(scalar["zero inputs", 1.1], 1.1 ** np.arange(1, 11), rtol=1e-3)
+    family = [r for r in rows if r["kind"] == "family"]
+    assert [(r["family"], r["stage"]) for r in family] == [("lstm", "init"), ("lstm", "trained"),
+                                                             ("conv", "init"), ("conv", "trained")]
+    assert "state_jacobian" in family[0] and "state_jacobian" not in family[2]  # cells only
+    assert all(r["input_grad"][0] > 0 for r in family)
+    assert [r["grad_clip"] for r in rows if r["kind"] == "clipping"] == [1.0, 0.0]
+    assert not (tmp_path / "out.jsonl").exists()
