@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import struct
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,16 @@ def test_fashion_mnist_from_idx_files_and_its_absence(tmp_path):
     np.testing.assert_array_equal(data["train"], train // 64)  # 256 levels -> 4: floor(v * 4 / 256)
     np.testing.assert_array_equal(data["test"], test // 64)
     assert task.model_spec(data) == {"interface": "images", "height": 28, "width": 28, "levels": 4}
+
+
+def test_fashion_mnist_package():
+    """Debian's dataset-fashion-mnist, where installed: the standard 60,000 + 10,000 images."""
+    task = Images(dataset="fashion-mnist")
+    if not (Path(task.fashion_dir) / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    data = task.prepare()
+    assert data["train"].shape == (60000, 28, 28) and data["test"].shape == (10000, 28, 28)
+    assert data["train"].dtype == np.uint8 and data["train"].max() == 255 and data["test"].min() == 0
 
 
 def test_digits_split_and_levels():

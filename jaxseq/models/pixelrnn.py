@@ -28,11 +28,11 @@ begin-of-image id, BOS = `levels` (so `vocab_size` = levels + 1). `step(state, t
 t - 1 (BOS at t = 0) and returns the logits of pixel t. The state holds the image so far ([B, H, W],
 pixels not yet generated are 0, which no prediction of an earlier pixel can see) and the position t;
 - Row LSTM: also every layer's carry entering the current row. One step computes the current row
-  for every layer: O(num_layers * W * h^2), twice at the first pixel of a row (the finished row is
-  computed once more to advance the carries).
+  for every layer (and the first convolution over the k rows it reads): O(num_layers * W * h^2),
+  twice at the first pixel of a row (the finished row is computed once more to advance the carries).
 - Diagonal BiLSTM: one step runs the parallel form on the image so far and reads pixel t's logits:
-  O(num_layers * H * W * h^2), a whole pass per pixel (the right-to-left direction needs every
-  finished row whole, so there is no cheaper exact step).
+  O(num_layers * H * W * h^2), a whole pass per pixel, so O((H W)^2) per image: exact and simple,
+  reusing no carries (the right-to-left half of a row can only run once the row is finished).
 """
 
 from __future__ import annotations
