@@ -242,10 +242,10 @@ class TrainConfig:
 
     task: TaskName = "char_lm"
     """What to learn; its section (--char-lm.*, --mnist1d.*, --stdlib-docs.*, --translation.*,
-    --captioning.*, --images.*, --probes.*, --music.*) sets its data and batches."""
+    --captioning.*, --images.*, --probes.*, --music.*, --audio.*) sets its data and batches."""
     model: ModelKind = "lstm"
     """The model family; its section (--rnn.*, --ngram.*, --additive.*, --transformer.*, --conv.*,
-    --seq2seq.*, --pixelrnn.*) sets its size."""
+    --seq2seq.*, --pixelrnn.*, --wavenet.*) sets its size."""
     kernels: KernelPolicy = "auto"
     """Which implementations run the recurrences and attention: "auto" (the fastest eligible one on this
     machine, see jaxseq.kernels) or "reference" (lax.scan of each cell's step; XLA's dense attention).
