@@ -37,6 +37,10 @@ def _description(out: str, flag: str) -> str:
     """The description next to `flag`, or right below it (where tyro puts it after a long flag and metavar)."""
     rows = out.splitlines()
     for r, row in enumerate(rows):
+        cut = re.search(re.escape(flag) + r" \{[^}│]*(?:│|$)", row)  # a choice set wrapped onto the next lines
+        if cut:
+            end = next(k for k in range(r + 1, len(rows)) if "}" in rows[k][cut.start():cut.end()])
+            return _cell(rows[end + 1][cut.start():])
         for m in re.finditer(re.escape(flag) + r"(?:, --\S+)?(?: (?:[A-Z_|]+|\{[^}]*\})(?=\s|$))?[ ,]", row):
             here = _cell(row[m.end():])
             if here:
