@@ -1,14 +1,91 @@
-"""What the benchmark scripts share: the device's name, its matmul peaks, timing and peak memory."""
+"""What the benchmark scripts share: the process set-up, the record of the machine every row carries,
+the device's name, its matmul peaks, FLOP counts, timing and peak memory."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxseq.malloc import keep_freed_memory  # noqa: E402  (imports no JAX: safe before set-up)
 
 import jax
 import jax.numpy as jnp
+
+
+# ------------------------------------------------------------------------------------------ process
+
+
+def setup_process(system_malloc: bool = False) -> dict:
+    """The process settings every competitor of every script runs under; call it first thing, before
+    JAX's first computation (and before torch allocates).
+
+    glibc's malloc keeps the memory a step frees (`jaxseq.malloc.keep_freed_memory`), as `jaxseq train`
+    does, unless `system_malloc` or JAXSEQ_MALLOC=system. The setting is process-wide, so JAX and
+    torch run under the same allocator. Returns what was set, for the rows' record."""
+    applied = False if system_malloc else keep_freed_memory()
+    return {"malloc": "keep-freed" if applied else "system"}
+
+
+def cpu_flags() -> dict:
+    """What /proc/cpuinfo says the CPU can do, as far as the kernels care: `avx512` (any avx512* flag;
+    jaxseq's native CPU kernels need avx512f), `avx512f`, `avx2`, `fma`, `amx` (any amx* flag).
+    All None where /proc/cpuinfo is unreadable (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return {"avx512": None, "avx512f": None, "avx2": None, "fma": None, "amx": None}
+    return {"avx512": any(x.startswith("avx512") for x in flags), "avx512f": "avx512f" in flags,
+            "avx2": "avx2" in flags, "fma": "fma" in flags, "amx": any(x.startswith("amx") for x in flags)}
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, with "+dirty" when tracked files differ from it; None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def run_record(torch=None, **extra) -> dict:
+    """What each JSON line records about where and how it was measured: `commit` (str or None),
+    `device` (`device_name()`), `cpu_flags` (`cpu_flags()`), `threads` (cores this process may use,
+    os.cpu_count(), torch's intra-op threads when `torch` is given, XLA_FLAGS), `load_avg` (1, 5, 15
+    minutes, when the record is taken), `time` (UTC), the library versions; `extra` is merged in
+    (e.g. the `setup_process()` result)."""
+    import jax
+
+    threads = {"affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+               "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    versions = {"jax": jax.__version__}
+    if torch is not None:
+        threads["torch"] = torch.get_num_threads()
+        versions["torch"] = torch.__version__
+    return {"commit": git_commit(), "device": device_name(), "cpu_flags": cpu_flags(), "threads": threads,
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **versions, **extra}
+
+
+def time_stats(seconds: list[float]) -> dict:
+    """`step_ms` (median), `step_ms_min`, `step_ms_max` and `n` of a list of step times in seconds."""
+    return {"step_ms": round(1e3 * statistics.median(seconds), 3), "step_ms_min": round(1e3 * min(seconds), 3),
+            "step_ms_max": round(1e3 * max(seconds), 3), "n": len(seconds)}
+
+
+# ------------------------------------------------------------------------------------------ device
 
 
 def cpu_name() -> str:
@@ -91,6 +168,21 @@ def measure_peak(sizes=None, repeats=7, dtype=jnp.float32) -> float:
                 a @ a
                 best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def gpt_flops_per_step(n_params_no_pos: int, layers: int, d: int, ctx: int, batch: int, causal: bool = True) -> float:
+    """Training FLOPs of one GPT step (forward + backward = 3x forward), PaLM's appendix B count:
+    6N per token for the weight matmuls (N without the position table) plus attention's scores (q.k)
+    and weighted sum (p.v): 2 FLOPs x d per query-key pair each, 4d per pair forward, 12d in training.
+    PaLM (and nanoGPT) count T pairs per query, 12 * L * d * T per token. Under a causal mask query t
+    meets t + 1 keys, T(T + 1)/2 pairs per sequence, and both jaxseq's attention and PyTorch's SDPA skip
+    the masked half, so `causal=True` (the default) counts 12 * L * d * (T + 1) / 2 per token.
+    Example: N = 0, L = 1, d = 2, T = 3, batch 1: 12 * 1 * 2 * 2 * 3 = 144 (full T x T: 216)."""
+    pairs_per_token = (ctx + 1) / 2 if causal else ctx
+    return (6 * n_params_no_pos + 12 * layers * d * pairs_per_token) * ctx * batch
 
 
 # ------------------------------------------------------------------------------------------ timing

@@ -1,25 +1,43 @@
-"""GPT train step, tokens/s: jaxseq's TransformerLM vs an eager PyTorch nanoGPT of the same size.
+"""GPT train step, tokens/s: jaxseq's TransformerLM vs a plain Flax GPT vs PyTorch nanoGPT (eager,
+fused AdamW, torch.compile) of the same size.
 
 nanoGPT's char-level Shakespeare config shrunk to CPU size (4 layers, 4 heads, d_model 128, d_ff 512,
 context 64, batch 12, vocab 65, no dropout, tied embeddings, learned positions, tanh GELU). One step =
 forward, cross-entropy, backward, AdamW update, on random tokens (speed does not depend on the data).
 
-  * jaxseq:       `jaxseq.steps.make_train_step(lm_loss_fn(model), adamw)` jitted with the state
-                  donated and jaxseq's compile options: the step `jaxseq train` runs (padding mask,
-                  non-finite guard, grad norm; YNNPACK dots on CPU).
-  * flax-plain:   the same TransformerLM in a hand-written jit of loss + grad + optax.adamw (no mask,
-                  no metrics): what the step costs without jaxseq's bookkeeping.
-  * torch-eager:  nanoGPT's model (F.scaled_dot_product_attention, is_causal=True) + torch.optim.AdamW,
-                  eager, torch.set_num_threads(--torch-threads, default os.cpu_count()).
+  * jaxseq:          `jaxseq.steps.make_train_step(lm_loss_fn(model), adamw)` jitted with the state
+                     donated and jaxseq's compile options: the step `jaxseq train` runs (padding mask,
+                     non-finite guard, grad norm; YNNPACK dots on CPU).
+  * jaxseq-model-hand-step: jaxseq's TransformerLM (jaxseq's attention dispatch included) in a
+                     hand-written jit of loss + grad + optax.adamw with XLA's defaults (no mask, no
+                     metrics): what jaxseq's step bookkeeping and compile options cost.
+  * flax-gpt:        a GPT on nothing of jaxseq's (`plain_flax_gpt.py`: nn.Dense, nn.LayerNorm,
+                     jax.nn.dot_product_attention, optax.adamw, XLA's defaults), the same parameters.
+  * torch-eager:     nanoGPT's model (F.scaled_dot_product_attention, is_causal=True) +
+                     torch.optim.AdamW (its default, foreach), eager.
+  * torch-eager-fused-adamw: the same with `AdamW(fused=True)` (the fused kernel; CPU since torch 2.4).
+  * torch-compile:   `torch.compile(model)` (default mode, inductor) + the fused AdamW; left out, with the
+                     reason in `skipped`, where inductor cannot build (no C++ compiler).
+  All torch rows run with torch.set_num_threads(--torch-threads, default os.cpu_count()).
 
-All run in one process, after warm-up, interleaved (each in turn, `--repeats` rounds, every timed step
-right after an untimed one of its own: `_common.timed_rounds`), so a busy shared CPU slows them alike.
-Prints one JSON line per implementation: first-call seconds (compile for JAX) apart from the median
-step ms, tokens/s, GFLOP/s with nanoGPT's FLOP count, `mfu` (that over the GPU's datasheet peak,
-`_common.DATASHEET_TFLOPS`, as papers report MFU; on CPU over the measured matmul peak), `frac_measured_peak`
-(over the best matmul measured in the run, `_common.measure_peak`), the speed-up over torch, and `peak_mb`, one step's peak memory in each
-library's own account (`_common.jax_peak_mb`: XLA's plan, state and batch included, donated buffers
-counted once; `_common.torch_peak_mb`: torch's allocator).
+Every ratio is taken against the fastest PyTorch form of the run (`best_torch`,
+`speedup_vs_best_torch`; `speedup_vs_torch_eager` beside it). The process set-up is the same for every
+competitor (`_common.setup_process`: glibc keeps freed memory, as in `jaxseq train`).
+
+All run in one process, after warm-up, interleaved (each in turn, `--repeats` rounds, at least 3, every
+timed step right after an untimed one of its own: `_common.timed_rounds`), so a busy shared CPU slows
+them alike. Compile (and torch.compile's) first calls are timed apart, never in the step times.
+Prints one JSON line per implementation: first-call seconds, the median step ms with min, max and
+interquartile range, tokens/s, GFLOP/s, `mfu` (over the GPU's datasheet peak,
+`_common.DATASHEET_TFLOPS`, as papers report MFU; on CPU over the measured matmul peak),
+`frac_measured_peak` (over the best matmul measured in the run, `_common.measure_peak`), `peak_mb`,
+one step's peak memory in each library's own account (`_common.jax_peak_mb`: XLA's plan, state and
+batch included, donated buffers counted once; `_common.torch_peak_mb`: torch's allocator), and the
+machine record (`_common.run_record`: commit, device, CPU flags, threads, load average).
+
+FLOPs: PaLM's count (6N per token + attention) with attention's T x T pairs halved for the causal mask,
+T(T+1)/2, since every competitor skips the masked half (`_common.gpt_flops_per_step`); rows before
+this count (no `flop_count` field) used nanoGPT's full T x T count, 4% (d 128, context 64) to 8% (d 256, context 256) higher.
 
     python benchmarks/gpt_step.py                 # nanoGPT's small CPU config
     python benchmarks/gpt_step.py --d-model 256 --context 256 --batch 16 \
@@ -51,13 +69,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxseq.config import TransformerConfig  # noqa: E402
 from jaxseq.losses import lm_loss_fn  # noqa: E402
-from jaxseq.malloc import keep_freed_memory  # noqa: E402
 from jaxseq.models.transformer import TransformerLM  # noqa: E402
 from jaxseq.steps import init_train_state, make_train_step  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import datasheet_peak_gflops, device_name, jax_peak_mb, measure_peak, timed_rounds, torch_device, torch_peak_mb  # noqa: E402
+from _common import (datasheet_peak_gflops, gpt_flops_per_step, jax_peak_mb, measure_peak, run_record,  # noqa: E402
+                     setup_process, time_stats, timed_rounds, torch_device, torch_peak_mb)
+from plain_flax_gpt import PlainGPT, make_plain_step  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- torch nanoGPT
@@ -143,9 +162,16 @@ def make_jaxseq_step(model, optimizer, compute_dtype=None):
     return call
 
 
-def flops_per_step(n_params_no_pos: int, layers: int, d: int, ctx: int, batch: int) -> float:
-    """nanoGPT's estimate (PaLM appendix B): 6N per token plus attention's 12 * L * d * T per token."""
-    return (6 * n_params_no_pos + 12 * layers * d * ctx) * ctx * batch
+def torch_adamw(torch, params, fused: bool):
+    """torch.optim.AdamW with nanoGPT's betas, `fused=True` where this torch has a fused kernel for the
+    device (CPU since torch 2.4); returns (optimizer, whether it is the fused one)."""
+    kw = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw), True
+        except (RuntimeError, TypeError, ValueError) as err:
+            print(f"no fused AdamW here ({type(err).__name__}: {err}); the default (foreach) one runs", flush=True)
+    return torch.optim.AdamW(params, **kw), False
 
 
 def main():
@@ -157,9 +183,10 @@ def main():
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=30, help="interleaved timed rounds (at least 3)")
     # On a shared, oversubscribed CPU torch's OpenMP threads spin-wait; 1 thread is then fairer.
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    ap.add_argument("--impls", default="", help="comma list to run a subset (names as in the output)")
     ap.add_argument("--out", default="", help="append the JSON lines to this file as well")
     ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="forward/backward dtype (params and AdamW stay float32; torch: autocast); MFU is "
@@ -168,11 +195,11 @@ def main():
                     help="keep glibc's default malloc; by default the process reuses freed memory as `jaxseq "
                          "train` does (jaxseq/malloc.py), for every competitor alike")
     args = ap.parse_args()
-    if not args.system_malloc:
-        keep_freed_memory()  # before JAX's first computation
+    if args.repeats < 3:
+        ap.error("--repeats must be at least 3 (a median of fewer rounds says little)")
+    process = setup_process(args.system_malloc)  # before JAX's first computation
     L, H, D, T, B, V = args.layers, args.heads, args.d_model, args.context, args.batch, args.vocab
     torch.set_num_threads(args.torch_threads)
-    torch.manual_seed(0)
     dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else None
     peak = measure_peak(dtype=dtype or jnp.float32)
     # MFU against the datasheet peak where one is known (a GPU), else against the measured one (CPU)
@@ -197,49 +224,83 @@ def main():
     jaxseq_step = make_jaxseq_step(model, optimizer, dtype)
     plain_step = make_jax_step(plain_model, optimizer)
     plain_params = {"params": jax.tree.map(jnp.copy, params)}  # its own copy: both steps donate their state
-    box = {"jaxseq": init_train_state(params, optimizer), "flax-plain": (plain_params, optimizer.init(plain_params))}
+    flax_gpt = PlainGPT(vocab=V, ctx=T, layers=L, d=D, heads=H, dtype=dtype)
+    flax_params = jax.jit(flax_gpt.init)(jax.random.key(0), jx[0][0])["params"]
+    n_flax = sum(x.size for x in jax.tree.leaves(flax_params)) - T * D
+    assert n_flax == n_params, (n_flax, n_params)
+    flax_step = make_plain_step(flax_gpt, optimizer)
+    box = {"jaxseq": init_train_state(params, optimizer),
+           "jaxseq-model-hand-step": (plain_params, optimizer.init(plain_params)),
+           "flax-gpt": (flax_params, optimizer.init(flax_params))}
 
     def run_jaxseq(i):
         box["jaxseq"], loss = jaxseq_step(box["jaxseq"], *jx[i % 4])
         return float(loss)
 
-    def run_plain(i):
-        p, o = box["flax-plain"]
-        p, o, loss = plain_step(p, o, *jx[i % 4])
-        box["flax-plain"] = (p, o)
-        return float(loss)
+    def jax_runner(name, step):
+        def run(i):
+            p, o, loss = step(*box[name], *jx[i % 4])
+            box[name] = (p, o)
+            return float(loss)
 
-    net = NanoGPT(V, T, L, D, H, 4 * D).to(tdev)
-    topt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    n_torch = sum(p.numel() for p in net.parameters()) - T * D
-    assert n_params == n_torch, (n_params, n_torch)
+        return run
 
-    def run_torch(i):
-        with torch.autocast(tdev, dtype=torch.bfloat16, enabled=dtype is not None):
-            loss = net(*tx[i % 4])
-        topt.zero_grad(set_to_none=True)
-        loss.backward()
-        topt.step()
-        return loss.item()
+    def torch_runner(compiled: bool, fused: bool):
+        """One nanoGPT with its own AdamW, initialised alike (seed 0); `compiled`: torch.compile of the
+        model (default mode; the backward through AOTAutograd), the optimizer step eager."""
+        torch.manual_seed(0)
+        net = NanoGPT(V, T, L, D, H, 4 * D).to(tdev)
+        n_torch = sum(p.numel() for p in net.parameters()) - T * D
+        assert n_params == n_torch, (n_params, n_torch)
+        opt, is_fused = torch_adamw(torch, net.parameters(), fused)
+        fwd = torch.compile(net) if compiled else net
 
-    runners = {"jaxseq": run_jaxseq, "flax-plain": run_plain}
+        def run(i):
+            with torch.autocast(tdev, dtype=torch.bfloat16, enabled=dtype is not None):
+                loss = fwd(*tx[i % 4])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        return run, is_fused
+
+    runners = {"jaxseq": run_jaxseq, "jaxseq-model-hand-step": jax_runner("jaxseq-model-hand-step", plain_step),
+               "flax-gpt": jax_runner("flax-gpt", flax_step)}
+    adamw = {}  # torch rows: which AdamW ran
     if with_torch:
-        runners["torch-eager"] = run_torch
-    first, losses = {}, {}
-    for name, run in runners.items():  # first call = compile (JAX) / first-step allocation (torch)
+        for name, compiled, fused in (("torch-eager", False, False), ("torch-eager-fused-adamw", False, True),
+                                      ("torch-compile", True, True)):
+            runners[name], is_fused = torch_runner(compiled, fused)
+            adamw[name] = "fused" if is_fused else "foreach"
+    if args.impls:
+        runners = {n: r for n, r in runners.items() if n in args.impls.split(",")}
+    first, losses, skipped = {}, {}, {}
+    for name, run in list(runners.items()):  # first call = compile (JAX, torch.compile) / first-step allocation
         t0 = time.perf_counter()
-        run(0)
+        try:
+            run(0)
+        except Exception as err:  # torch.compile needs a working C++ toolchain; the others must not fail
+            if name != "torch-compile":
+                raise
+            skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            print(f"skipping {name}: {skipped[name]}", flush=True)
+            del runners[name]
+            continue
         first[name] = time.perf_counter() - t0
     for i in range(args.warmup):
         for run in runners.values():
             run(i)
     batch0 = {"inputs": jx[0][0], "targets": jx[0][1], "mask": jnp.ones(jx[0][0].shape, bool)}
-    peak_mb = {
-        "jaxseq": jax_peak_mb(jaxseq_step.jitted.lower(box["jaxseq"], batch0).compile()),
-        "flax-plain": jax_peak_mb(plain_step.lower(*box["flax-plain"], *jx[0]).compile()),
-    }
-    if with_torch:  # one profiled step, outside the timed rounds
-        peak_mb["torch-eager"] = torch_peak_mb(torch, lambda: run_torch(0), tdev)
+    peak_mb = {}
+    if "jaxseq" in runners:
+        peak_mb["jaxseq"] = jax_peak_mb(jaxseq_step.jitted.lower(box["jaxseq"], batch0).compile())
+    for name, step in (("jaxseq-model-hand-step", plain_step), ("flax-gpt", flax_step)):
+        if name in runners:
+            peak_mb[name] = jax_peak_mb(step.lower(*box[name], *jx[0]).compile())
+    for name in adamw:  # one profiled step each, outside the timed rounds
+        if name in runners:
+            peak_mb[name] = torch_peak_mb(torch, lambda name=name: runners[name](0), tdev)
     # Interleaved (a busy shared CPU slows all competitors alike), each timed step after an untimed one
     # of its own (`_common.timed_rounds`); every call takes the next of the 4 batches.
     counters = {name: itertools.count() for name in runners}
@@ -252,23 +313,28 @@ def main():
 
     (times,) = timed_rounds({name: stepper(name, run) for name, run in runners.items()}, args.repeats)
 
-    flops = flops_per_step(n_params, L, D, T, B)
+    flops = gpt_flops_per_step(n_params, L, D, T, B, causal=True)
     config = dict(layers=L, heads=H, d_model=D, d_ff=4 * D, context=T, batch=B, vocab=V, params=n_params,
                   compute_dtype=args.compute_dtype)
-    common = dict(bench="gpt_step", config=config, repeats=args.repeats, load=[round(x, 2) for x in os.getloadavg()],
-                  torch_threads=args.torch_threads, jax=jax.__version__, torch=torch.__version__,
-                  device=device_name(), peak_gflop_per_s=round(peak, 1), datasheet_gflop_per_s=sheet)
+    common = dict(bench="gpt_step", config=config, repeats=args.repeats, flop_count="palm-causal",
+                  gflop_per_step=round(flops / 1e9, 4), peak_gflop_per_s=round(peak, 1),
+                  datasheet_gflop_per_s=sheet, skipped=skipped,
+                  **run_record(torch, torch_threads=args.torch_threads, **process))
     medians = {name: statistics.median(ts) for name, ts in times.items()}
+    torch_rows = [n for n in medians if n in adamw]
+    best_torch = min(torch_rows, key=medians.get) if torch_rows else None  # the faster PyTorch form
     lines = []
     for name, ts in times.items():
         med = medians[name]
         lines.append(dict(
-            impl=name, compile_or_first_step_s=round(first[name], 3), step_ms=round(1e3 * med, 3),
+            impl=name, compile_or_first_step_s=round(first[name], 3), **time_stats(ts),
             step_ms_iqr=[round(1e3 * q, 3) for q in statistics.quantiles(ts, n=4)[::2]],
             tokens_per_s=round(B * T / med, 1), gflops_per_s=round(flops / med / 1e9, 2),
             mfu=round(flops / med / 1e9 / (sheet or peak), 4), mfu_of="datasheet" if sheet else "measured",
-            frac_measured_peak=round(flops / med / 1e9 / peak, 4), peak_mb=peak_mb[name],
-            speedup_vs_torch=round(medians["torch-eager"] / med, 3) if with_torch else None,
+            frac_measured_peak=round(flops / med / 1e9 / peak, 4), peak_mb=peak_mb.get(name),
+            torch_adamw=adamw.get(name), best_torch=best_torch,
+            speedup_vs_best_torch=round(medians[best_torch] / med, 3) if best_torch else None,
+            speedup_vs_torch_eager=round(medians["torch-eager"] / med, 3) if "torch-eager" in medians else None,
             final_loss=round(losses[name], 4), uniform_loss=round(math.log(V), 4), **common,
         ))
     for line in lines:
