@@ -37,6 +37,9 @@ def test_split_tunes_keeps_music_drops_ids():
     assert tunes == ["M:4/4\nL:1/8\nK:G\nGABc d2B2 | c2A2 B2G2 |\ndcBA G4 |]\n"] * 2
     assert M.structure_ok(tunes[0])
     assert not M.structure_ok(M.split_tunes(BAD_STRUCTURE)[0])  # M:, L: but no K:
+    # In the body: an information field is dropped, a key change kept, "A:|" is a note and a repeat sign.
+    body = M.split_tunes("X:1\nM:2/4\nL:1/8\nK:C\nCDEF|\nN: a remark\nK:G\nA:|B2|]\n")
+    assert body == ["M:2/4\nL:1/8\nK:C\nCDEF|\nK:G\nA:|B2|]\n"]
 
 
 def test_bad_tunes_are_skipped_counted_and_cached(tmp_path, cache, monkeypatch):

@@ -33,7 +33,11 @@ ESSEN = "essen"
 KEEP_FIELDS = ("M", "L", "K")
 _FIELD = re.compile(r"^([A-Za-z]):\s*(.*)$")
 _NOTE = re.compile(r"[A-Ga-g]")
-_FORMAT = 1  # bump when a cached format changes
+_ABC_FORMAT = 2  # bump when the tune splitting or the checks change (cached verdicts)
+_ROLL_FORMAT = 1  # bump when the piano rolls change (cached .npz)
+# Information fields that may also sit inside a tune body and are not music (M:, L:, K: changes are).
+# Never A-G: a body line such as "A:|" is a note and a repeat sign, not a field.
+_BODY_INFO = frozenset("HINOPQRSTWZ")
 
 
 def cache_dir() -> Path:
@@ -101,8 +105,8 @@ def split_tunes(text: str) -> list[str]:
             if key == "K":
                 cur["in_header"] = False
             continue
-        if m and m.group(1) in "TNORWSZHABCDFGIPQ" and len(line) > 2 and line[1] == ":" and not cur["in_header"]:
-            continue  # metadata fields inside the body (e.g. a second title): not music
+        if m and m.group(1) in _BODY_INFO:
+            continue  # information fields inside the body (e.g. a second title or a note): not music
         cur["body"].append(line)
     if cur is not None:
         tunes.append(cur)
@@ -161,7 +165,7 @@ def folk_tunes(source: str = ESSEN) -> tuple[list[str], dict]:
 
 def _cached_verdicts(name: str, raw: bytes, tunes: list[str]) -> list[str]:
     """Per tune "ok" | "structure" | "parse", computed once per file content and music21 version."""
-    digest = hashlib.sha256(raw + f"|{music21_version()}|{_FORMAT}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(raw + f"|{music21_version()}|{_ABC_FORMAT}".encode()).hexdigest()[:16]
     path = cache_dir() / f"abc_check_{Path(name).stem}_{digest}.json"
     try:
         verdicts = json.loads(path.read_text())
@@ -194,7 +198,7 @@ def chorale_rolls(grid: float, low: int, high: int, max_chorales: int = 0) -> tu
     stats: {"chorales", "skipped_parts", "notes", "notes_out_of_range"}. max_chorales > 0 reads only the
     first that many of the iterator (quick runs).
     """
-    key = f"{music21_version()}|{grid}|{low}|{high}|{max_chorales}|{_FORMAT}"
+    key = f"{music21_version()}|{grid}|{low}|{high}|{max_chorales}|{_ROLL_FORMAT}"
     path = cache_dir() / f"chorales_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     try:
         with np.load(path) as z:
@@ -247,9 +251,9 @@ def score_to_roll(score, grid: float, low: int, high: int, stats: dict | None = 
 
 
 def roll_to_stream(roll: np.ndarray, grid: float, low: int, bpm: float = 80.0):
-    """A binary roll [T, P] -> a music21 Stream (one part of chords/notes); a pitch on in consecutive frames
-    is one held note (a piano roll cannot tell a repeated note from a held one)."""
-    from music21 import chord, note, stream, tempo
+    """A binary roll [T, P] -> a music21 Part of notes (notes at one offset sound together); a pitch on in
+    consecutive frames is one held note (a piano roll cannot tell a repeated note from a held one)."""
+    from music21 import note, stream, tempo
 
     part = stream.Part()
     part.insert(0, tempo.MetronomeMark(number=bpm))
@@ -264,7 +268,6 @@ def roll_to_stream(roll: np.ndarray, grid: float, low: int, bpm: float = 80.0):
             part.insert(float(s * grid), n)
     if not len(part.notes):
         part.insert(0, note.Rest(quarterLength=max(T, 1) * grid))
-    _ = chord  # notes at the same offset sound together; MIDI export needs no chord objects
     return part
 
 
@@ -272,9 +275,23 @@ def roll_to_stream(roll: np.ndarray, grid: float, low: int, bpm: float = 80.0):
 # Rendering
 
 
-def write_midi_wav(score, midi_path: Path, wav_path: Path | None, fs: int = 16000) -> None:
-    """Write a music21 stream to a MIDI file and (wav_path) its sine-wave rendering (pretty_midi) as 16-bit WAV."""
-    score.write("midi", fp=str(midi_path))
+def write_midi_wav(score, midi_path: Path, wav_path: Path | None, fs: int = 8000) -> None:
+    """Write a music21 stream to a MIDI file and (wav_path) its sine-wave rendering (pretty_midi) as 16-bit WAV.
+
+    8 kHz: sine tones of these pitches (up to ~1.5 kHz) need no more, and a minute of audio stays under 1 MB.
+    """
+    from music21 import midi
+
+    try:
+        mf = midi.translate.music21ObjectToMidiFile(score)
+    except Exception:  # noqa: BLE001 -- music21 parses some ABC it cannot export as is (e.g. metres such as
+        # 4/2 whose TimeSignature lands twice in the conductor track): the same notes and rests, no metre.
+        mf = midi.translate.music21ObjectToMidiFile(score.flatten().notesAndRests.stream())
+    mf.open(str(midi_path), "wb")
+    try:
+        mf.write()
+    finally:
+        mf.close()
     if wav_path is None:
         return
     import wave

@@ -2,7 +2,8 @@
 
 folk: `num_samples` continuations of the prompt "M:" (every tune starts with its metre), each cut at its
 first blank line (the tune separator), parsed by music21 (`music_data.parse_tune`); a tune that parses
-is written as .abc, .mid and .wav, one that does not as .abc only. chorales: Bach-style piano rolls
+is written as .abc, .mid and .wav, one that does not (or that music21 parses but cannot export to MIDI,
+counted as valid_not_rendered) as .abc only. chorales: Bach-style piano rolls
 drawn from the model's recurrent form (`sample_frames`), written as .mid and .wav (and the roll as .npy).
 """
 
@@ -49,7 +50,7 @@ def write_folk_samples(task, run, args, out: Path) -> tuple[list[str], dict]:
     tokenizer = CharTokenizer.load(Path(args.run_dir) / TOKENIZER_FILE)
     tunes = generate_tunes(run.model, run.variables, tokenizer, args.num_samples, args.max_new_tokens, args.seed,
                            args.temperature, args.top_k, args.top_p)
-    paths, valid, complete = [], 0, 0
+    paths, valid, complete, unrendered = [], 0, 0, 0
     for i, (tune, done) in enumerate(tunes):
         complete += done
         abc = out / f"tune_{i:03d}.abc"
@@ -59,9 +60,15 @@ def write_folk_samples(task, run, args, out: Path) -> tuple[list[str], dict]:
         if score is None:
             continue
         valid += 1
-        M.write_midi_wav(score, out / f"tune_{i:03d}.mid", out / f"tune_{i:03d}.wav")
+        try:
+            M.write_midi_wav(score, out / f"tune_{i:03d}.mid", out / f"tune_{i:03d}.wav")
+        except Exception:  # noqa: BLE001 -- music21 parses some scores it cannot export (e.g. a doubled metre)
+            unrendered += 1
+            (out / f"tune_{i:03d}.mid").unlink(missing_ok=True)
+            continue
         paths += [str(out / f"tune_{i:03d}.mid"), str(out / f"tune_{i:03d}.wav")]
-    return paths, {"samples": len(tunes), "complete": complete, "valid": valid, "out": str(out)}
+    return paths, {"samples": len(tunes), "complete": complete, "valid": valid, "valid_not_rendered": unrendered,
+                   "out": str(out)}
 
 
 def write_chorale_samples(task, run, args, out: Path) -> tuple[list[str], dict]:
