@@ -54,7 +54,8 @@ def parse_args(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="q, k, v, g and torch's tensors; bfloat16 lets a GPU use its fused kernels")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds per length")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds per length (at least 3)")
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's default malloc for every competitor")
     ap.add_argument("--cpu-dots", default="ynn", choices=("ynn", "xla"),
                     help="jaxseq rows: YNNPACK dots on CPU (as jaxseq's Transformer steps) or XLA's own")
     ap.add_argument("--flash-variants", default=None, help="block_q:block_k:chunk[:schedule],... (default: library defaults)")
@@ -67,6 +68,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.lengths, args.repeats = [256, 1024], 3
+    if args.repeats < 3:
+        ap.error("--repeats must be at least 3 (a median of fewer rounds says little)")
     return args
 
 
@@ -78,17 +81,22 @@ def main(argv=None):
         plot(rows, Path(args.replot).with_suffix(".png"), rows[0]["single_thread"])
         return
     if args.single_thread:  # must happen before jax starts its thread pools
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        )
+        # Eigen's own pool off; XLA:CPU sizes its intra-op pool by the cores this process may run on,
+        # so the affinity mask is what makes it one thread (XLA has no flag for that pool's size).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import setup_process
+
+    process = setup_process(args.system_malloc)  # before JAX's first computation, for every competitor
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _common import device_name, jax_peak_mb, timed_rounds, torch_device, torch_peak_mb
+    from _common import (jax_peak_mb, run_record, time_stats, timed_rounds,
+                         torch_device, torch_peak_mb)
     from jaxseq.attention import attention
     from jaxseq.kernels.flash_attention import flash_attention
     from jaxseq.xla_options import compiler_options
@@ -100,7 +108,6 @@ def main(argv=None):
     B, H, d = args.batch, args.heads, args.head_dim
     tdev = torch_device(torch)  # "cpu", "cuda", or None: no torch rows (a GPU backend, a CPU-only torch)
     jdtype, tdtype = (jnp.bfloat16, torch.bfloat16) if args.dtype == "bfloat16" else (jnp.float32, torch.float32)
-    device = device_name()
 
     variants = [("jaxseq-flash", {})]
     if args.flash_variants:
@@ -125,7 +132,7 @@ def main(argv=None):
         "event": "start", "backend": jax.default_backend(), "jax": jax.__version__, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0)),
         "single_thread": args.single_thread, "clock": "process_cpu" if args.single_thread else "wall",
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        **run_record(torch, **process),
     }  # fmt: skip
     print(json.dumps(header), flush=True)
     rows = []
@@ -181,14 +188,14 @@ def main(argv=None):
             med = statistics.median(ts)
             row = {
                 "bench": "attention_causal_fwd_bwd", "impl": name, "batch": B, "length": T, "heads": H,
-                "head_dim": d, "dtype": args.dtype, "device": device, "single_thread": args.single_thread,
+                "head_dim": d, "dtype": args.dtype, "single_thread": args.single_thread,
                 "compile_s": round(compile_s[name], 3),
-                "step_ms_median": round(1e3 * med, 2), "step_ms_min": round(1e3 * min(ts), 2),
+                "step_ms_median": round(1e3 * med, 2), **time_stats(ts),
                 "tokens_per_s": round(B * T / med, 1),
                 "speedup_vs_torch": round(med_torch / med, 3) if med_torch else None,
                 "max_abs_err_vs_torch": max_err.get(name), "peak_mb": peak_mb[name], "repeats": args.repeats,
                 "compiler_options": options.get(name, {}),
-                "load_avg": [round(x, 2) for x in os.getloadavg()],
+                **run_record(torch, **process),
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)

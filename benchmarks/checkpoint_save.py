@@ -21,18 +21,22 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseq import checkpoint as C
-from jaxseq.config import TrainConfig, TransformerConfig
-from jaxseq.fingerprints import fingerprints
-from jaxseq.models import build_model
-from jaxseq.steps import init_train_state, make_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_record, setup_process  # noqa: E402
+from jaxseq import checkpoint as C  # noqa: E402
+from jaxseq.config import TrainConfig, TransformerConfig  # noqa: E402
+from jaxseq.fingerprints import fingerprints  # noqa: E402
+from jaxseq.models import build_model  # noqa: E402
+from jaxseq.steps import init_train_state, make_optimizer  # noqa: E402
 
 CONFIGS = {
     "lstm-default": TrainConfig(),
@@ -58,6 +62,9 @@ def random_state(config: TrainConfig, spec: dict):
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     return jax.block_until_ready(state), n_params, n_bytes
+
+
+PROCESS: dict = {}  # what setup_process set, for the rows' record
 
 
 def measure(name: str, config: TrainConfig, spec: dict, repeats: int) -> dict:
@@ -86,7 +93,7 @@ def measure(name: str, config: TrainConfig, spec: dict, repeats: int) -> dict:
         "blocking_s": round(statistics.median(blocking[1:]), 4), "blocking_max_s": round(max(blocking[1:]), 4),
         "write_s": round(statistics.median(writes[1:]), 4),
         "fingerprint_sync_s": round(statistics.median(sync), 4),
-        "restore_verified_s": round(restore_s, 4), "repeats": repeats,
+        "restore_verified_s": round(restore_s, 4), "repeats": repeats, **run_record(**PROCESS),
     }
 
 
@@ -94,7 +101,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(CONFIGS))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's default malloc")
     args = ap.parse_args()
+    PROCESS.update(setup_process(args.system_malloc))  # before JAX's first computation, as every benchmark
     task = TrainConfig().char_lm
     spec = task.model_spec(task.prepare())  # the default corpus's vocabulary
     for name in args.models.split(","):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import timed_rounds  # noqa: E402
+from _common import run_record, setup_process, timed_rounds  # noqa: E402
 from jaxseq.cells import GRU, LSTM  # noqa: E402
 from jaxseq.kernels import cpu as native  # noqa: E402
 from jaxseq.kernels.cpu.attention import native_attention  # noqa: E402
@@ -93,7 +94,10 @@ def main():
     ap.add_argument("--length", type=int, default=128, help="lstm, gru")
     ap.add_argument("--d-in", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's default malloc")
     args = ap.parse_args()
+    process = setup_process(args.system_malloc)  # before JAX's first computation, as every benchmark
+    print(json.dumps({"bench": "native_ab", **run_record(**process)}), flush=True)
     if not native.available():
         sys.exit(f"native kernels unavailable: {native.unavailable_reason()}")
     attention = args.cell == "attention"
@@ -110,7 +114,9 @@ def main():
             native.TARGET_PREFIX = "jaxseq"
             (times,) = timed_rounds(calls, args.repeats)
             a, b = (statistics.median(times[k]) for k in "AB")
-            print(f"{args.cell} {size} {mode}: A {1e3 * a:.1f} ms, B {1e3 * b:.1f} ms, B/A time {b / a:.3f}", flush=True)
+            spread = ", ".join(f"{k} {1e3 * min(times[k]):.1f}-{1e3 * max(times[k]):.1f} ms" for k in "AB")
+            print(f"{args.cell} {size} {mode}: A {1e3 * a:.1f} ms, B {1e3 * b:.1f} ms, B/A time {b / a:.3f} "
+                  f"(min-max: {spread})", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jaxseq  # noqa: E402
-from jaxseq.malloc import keep_freed_memory  # noqa: E402
+from _common import setup_process  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
 
 # Trace events that are not ops: the runtime's own spans and Python-side annotations.
@@ -257,8 +257,7 @@ def main(argv=None):
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default malloc (by default freed memory is reused, as in `jaxseq train`)")
     args = ap.parse_args(argv)
-    if not args.system_malloc:
-        keep_freed_memory()  # before JAX's first computation (jaxseq/malloc.py)
+    setup_process(args.system_malloc)  # before JAX's first computation, as every benchmark (jaxseq/malloc.py)
     if args.steps < 2:  # the last step is found as "after the previous one ended"
         ap.error("--steps must be at least 2")
     defaults = {"lstm": (128, 32), "gru": (128, 32), "attention": (1024, 8), "gpt": (None, 16)}[args.case]

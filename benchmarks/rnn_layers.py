@@ -8,8 +8,14 @@ One layer, batch 32, length 128, input 128, hidden 64 / 256 / 512, float32, on t
   * jaxseq-scan:     the same cell through the reference path, `lax.scan` of `cell.step` with
                      JAX's autodiff (`unroll(..., kernels="reference")`).
   * flax-*:          `flax.linen.RNN(OptimizedLSTMCell | LSTMCell | GRUCell)`.
-  * torch:           `torch.nn.LSTM` / `torch.nn.GRU` (batch_first, CPU, oneDNN where PyTorch uses
-                     it), eager, `torch.set_num_threads` left at its default unless --threads is given.
+  * torch:           `torch.nn.LSTM` / `torch.nn.GRU` (batch_first), eager, `torch.set_num_threads` left
+                     at its default unless --threads is given. On CPU the LSTM runs PyTorch's oneDNN
+                     RNN kernel where oneDNN is built in; the GRU has no oneDNN path and runs ATen's
+                     generic per-step loop (`torch_path` in each row says which).
+  * torch-compile-cell (GRU): the stronger PyTorch form of the GRU: the input projection of the whole
+                     sequence as one matmul, then a Python loop over a `torch.compile`d cell step
+                     (default mode, inductor: h @ W_hh and the gates fused), on nn.GRU's parameters.
+                     Left out, with the reason printed, where inductor cannot build.
   * jaxseq-fused:    jaxseq's fused recurrence in XLA, without the dispatch that the `jaxseq` row
                      goes through: jaxseq's native kernels on CPU (`jaxseq.kernels.cpu.rnn`; the row
                      is there when they are built), cuDNN for the LSTM on a GPU.
@@ -30,6 +36,10 @@ fastest float32 matmul of jnp and torch at 1024^2 and 2048^2 (`_common.measure_p
 names the device and the load average (the CPU is shared). `peak_mb` is one step's peak memory in each
 library's own account (`_common.jax_peak_mb`: XLA's plan of arguments, outputs and temporaries;
 `_common.torch_peak_mb`: torch's allocator, from its profiler on CPU), inputs and parameters included.
+Each row has the median step time with its min and max over the rounds, and the machine record
+(`_common.run_record`: commit, device, CPU flags, threads, load average). Every competitor runs under
+the same process set-up (`_common.setup_process`: glibc keeps freed memory, as `jaxseq train` does;
+`--system-malloc` for glibc's defaults).
 
     python benchmarks/rnn_layers.py                # full table -> benchmarks/results/cpu.jsonl (+ .png)
     python benchmarks/rnn_layers.py --replot benchmarks/results/cpu-rnn-layers.jsonl   # the plot only
@@ -57,7 +67,8 @@ def _parse():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--d-in", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=15, help="interleaved timed rounds (at least 3)")
+    p.add_argument("--system-malloc", action="store_true", help="glibc's default malloc for every competitor")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="0: libraries' defaults; N: XLA and torch on N threads")
     p.add_argument("--impls", default="", help="comma list to run a subset (names as in the output)")
@@ -81,8 +92,10 @@ import jaxseq  # noqa: E402
 from jaxseq.kernels import cpu as native  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, jax_peak_mb, measure_peak, timed_rounds, torch_device, torch_peak_mb  # noqa: E402
+from _common import (device_name, jax_peak_mb, measure_peak, run_record, setup_process,  # noqa: E402
+                     time_stats, timed_rounds, torch_device, torch_peak_mb)
 
+PROCESS = setup_process(ARGS.system_malloc)  # before JAX's first computation, the same for every competitor
 if ARGS.threads:
     torch.set_num_threads(ARGS.threads)
 
@@ -173,6 +186,71 @@ def make_torch(kind, hidden, xs, w, mode):
     return call, None, None
 
 
+def make_torch_compiled_gru(hidden, xs, w, mode):
+    """The GRU as a loop over a torch.compile'd cell step (nn.GRU's gate order r, z, n and its
+    parameters): gi = x W_ih^T + b_ih for the whole sequence at once, then per step
+    h = (1 - z) * n + z * h from gi_t and h W_hh^T + b_hh."""
+    torch.manual_seed(0)
+    dev = torch_device(torch)
+    module = torch.nn.GRU(xs.shape[-1], hidden, batch_first=True).to(dev)
+    w_ih, w_hh, b_ih, b_hh = module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0
+
+    @torch.compile
+    def cell(gi_t, h, w_hh, b_hh):
+        gh = torch.nn.functional.linear(h, w_hh, b_hh)
+        i_r, i_z, i_n = gi_t.chunk(3, dim=-1)
+        h_r, h_z, h_n = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h
+
+    x = torch.from_numpy(np.array(xs)).to(dev).requires_grad_(mode == "train")
+    tw = torch.from_numpy(np.array(w)).to(dev)
+
+    def forward():
+        gi = torch.nn.functional.linear(x, w_ih, b_ih)
+        h = x.new_zeros(x.shape[0], hidden)
+        ys = []
+        for t in range(x.shape[1]):
+            h = cell(gi[:, t], h, w_hh, b_hh)
+            ys.append(h)
+        return torch.stack(ys, 1)
+
+    if mode == "train":
+        def call():
+            for p in module.parameters():
+                p.grad = None
+            x.grad = None
+            (forward() * tw).sum().backward()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+    else:
+        def call():
+            with torch.inference_mode():
+                forward()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+    t = time.perf_counter()
+    call()  # compiles; reported as its compile seconds
+    with torch.no_grad():  # the same function as nn.GRU: checked once, before any timing
+        ref, _ = module(x)
+        got = forward()
+    if not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
+        raise AssertionError(f"compiled GRU loop differs from nn.GRU by {(ref - got).abs().max():.2e}")
+    return call, time.perf_counter() - t, None
+
+
+def torch_path(kind) -> str | None:
+    """Which PyTorch RNN implementation runs: oneDNN's kernel (LSTM on CPU when torch has oneDNN),
+    cuDNN on a GPU, or ATen's generic loop (the GRU on CPU: PyTorch has no oneDNN GRU)."""
+    dev = torch_device(torch)
+    if dev is None:
+        return None
+    if dev == "cuda":
+        return "cudnn"
+    return "onednn" if kind == "lstm" and torch.backends.mkldnn.is_available() else "generic"
+
+
 def competitors(kind):
     both = {"jaxseq": None, "jaxseq-scan": None}
     flax = {"flax-optimized-lstm": fnn.OptimizedLSTMCell, "flax-lstm": fnn.LSTMCell} if kind == "lstm" else {
@@ -181,7 +259,8 @@ def competitors(kind):
     # the `jaxseq` row dispatches (cuDNN on a GPU, the native kernels on CPU); this is the XLA path
     dispatched = gpu or (jax.default_backend() == "cpu" and native.available())
     fused = ["jaxseq-fused"] if dispatched else []
-    return list(both) + gpu + fused + list(flax) + (["torch"] if torch_device(torch) else []), flax
+    torch_rows = ["torch"] + (["torch-compile-cell"] if kind == "gru" else []) if torch_device(torch) else []
+    return list(both) + gpu + fused + list(flax) + torch_rows, flax
 
 
 def run_case(kind, hidden, mode, peak):
@@ -191,8 +270,15 @@ def run_case(kind, hidden, mode, peak):
     names, flax = competitors(kind)
     if ARGS.impls:
         names = [n for n in names if n in ARGS.impls.split(",")]
-    calls, compile_s, peak_mb = {}, {}, {}
+    calls, compile_s, peak_mb, skipped = {}, {}, {}, {}
     for name in names:
+        if name == "torch-compile-cell":
+            try:
+                calls[name], compile_s[name], peak_mb[name] = make_torch_compiled_gru(hidden, xs, w, mode)
+            except Exception as err:  # inductor needs a C++ toolchain; the row is then left out, saying why
+                skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                print(f"skipping {name}: {skipped[name]}", file=sys.stderr, flush=True)
+            continue
         if name == "jaxseq":
             made = make_jaxseq(kind, hidden, xs, w, mode, fused=True)
         elif name == "jaxseq-scan":
@@ -207,8 +293,9 @@ def run_case(kind, hidden, mode, peak):
     for call in calls.values():
         for _ in range(ARGS.warmup):
             call()
-    if "torch" in calls:  # one profiled step, outside the timed rounds
-        peak_mb["torch"] = torch_peak_mb(torch, calls["torch"], torch_device(torch))
+    for name in ("torch", "torch-compile-cell"):  # one profiled step each, outside the timed rounds
+        if name in calls:
+            peak_mb[name] = torch_peak_mb(torch, calls[name], torch_device(torch))
     load_before = os.getloadavg()
     wall, cpu = timed_rounds(calls, ARGS.repeats, clocks=(time.perf_counter, time.process_time))
     load_after = os.getloadavg()
@@ -218,13 +305,13 @@ def run_case(kind, hidden, mode, peak):
     flops = fwd_flops * (3 if mode == "train" else 1)
     step = {n: statistics.median(v) for n, v in wall.items()}
     flax_best = min((step[n] for n in step if n.startswith("flax")), default=None)
+    torch_best = min((n for n in step if n.startswith("torch")), key=step.get, default=None)
+    record = run_record(torch, **PROCESS)
     rows = []
     for name in calls:
         row = {
-            "bench": "rnn_layers", "device": DEVICE, "layer": kind, "mode": mode, "impl": name,
-            "batch": b, "length": t, "d_in": d, "hidden": hidden,
-            "step_ms": round(1e3 * step[name], 3),
-            "step_ms_min": round(1e3 * min(wall[name]), 3),
+            "bench": "rnn_layers", "layer": kind, "mode": mode, "impl": name,
+            "batch": b, "length": t, "d_in": d, "hidden": hidden, **time_stats(wall[name]),
             "cpu_ms": round(1e3 * statistics.median(cpu[name]), 3),
             "tokens_per_s": round(b * t / step[name], 1),
             "compile_s": None if compile_s[name] is None else round(compile_s[name], 3),
@@ -234,11 +321,14 @@ def run_case(kind, hidden, mode, peak):
             "peak_gflop_per_s": round(peak, 1),
             "peak_mb": peak_mb[name],
             "ratio_vs_torch": round(step["torch"] / step[name], 3) if "torch" in step else None,
+            "torch_path": torch_path(kind) if name == "torch" else None,
+            "best_torch": torch_best,
+            "ratio_vs_best_torch": round(step[torch_best] / step[name], 3) if torch_best else None,
+            "skipped": skipped,
             "ratio_vs_best_flax": round(flax_best / step[name], 3) if flax_best else None,
-            "repeats": ARGS.repeats, "threads": ARGS.threads or "default",
+            "repeats": ARGS.repeats, "threads_arg": ARGS.threads or "default",
             "loadavg_1m": [round(load_before[0], 2), round(load_after[0], 2)],
-            "jax": jax.__version__, "flax": __import__("flax").__version__, "torch": torch.__version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "flax": __import__("flax").__version__, **record,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -287,9 +377,11 @@ def main():
         return
     if ARGS.quick:
         ARGS.hidden, ARGS.repeats, ARGS.warmup = "256", 5, 1
+    if ARGS.repeats < 3:
+        raise SystemExit("--repeats must be at least 3 (a median of fewer rounds says little)")
     peak = measure_peak()
-    print(json.dumps({"bench": "rnn_layers", "device": DEVICE, "peak_gflop_per_s": round(peak, 1),
-                      "loadavg": os.getloadavg()}), flush=True)
+    print(json.dumps({"bench": "rnn_layers", "peak_gflop_per_s": round(peak, 1), **run_record(torch, **PROCESS)}),
+          flush=True)
     rows = []
     for kind in ARGS.layers.split(","):
         for hidden in (int(h) for h in ARGS.hidden.split(",")):

@@ -45,6 +45,10 @@ CASES = {1: [("data", 1, 1, "float32"), ("data", 1, 1, "bfloat16")],
 
 
 def worker(devices: int, steps: int, models: list[str]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import run_record, setup_process
+
+    process = setup_process()  # before JAX's first computation, as every benchmark
     import jax
     import numpy as np
 
@@ -98,7 +102,7 @@ def worker(devices: int, steps: int, models: list[str]) -> None:
                 "loss": round(float(metrics["loss"]), 4), "timed_steps": steps,
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
-                "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                **run_record(**process),
             }), flush=True)
 
 

@@ -1,21 +1,30 @@
 """Markdown tables of the latest results (what benchmarks/README.md shows), from benchmarks/results/*.jsonl.
 
-    python benchmarks/summarize.py                # all tables
+    python benchmarks/summarize.py                # all tables, printed
     python benchmarks/summarize.py --prefix cpu   # the files of one device prefix
+    python benchmarks/summarize.py --write        # rewrite benchmarks/README.md's generated section
+
+`--write` replaces what lies between the `<!-- tables:begin -->` and `<!-- tables:end -->` lines of the
+README (`--readme` for another file) and leaves the rest alone; without both markers it changes
+nothing and says so. Each table names where and when its rows were measured (device, AVX-512, commit,
+load average) when the rows record it (`_common.run_record`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent / "README.md"
+BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 
 
-def load(name: str) -> list[dict]:
-    path = RESULTS / name
+def load(name: str, results: Path = RESULTS) -> list[dict]:
+    path = Path(results) / name
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -37,32 +46,72 @@ def mb(*rows) -> str:
     return "" if any(v is None for v in vals) else " / ".join(f"{v:.0f}" for v in vals)
 
 
-def rnn_layers(prefix: str) -> str:
-    rows = [r for r in load(f"{prefix}-rnn-layers.jsonl") if "impl" in r]
+def ms(r: dict) -> str:
+    """Median step ms with the min-max over the rounds, "12.3 (11.9-14.0)" (older rows: the median)."""
+    med = r.get("step_ms", r.get("step_ms_median"))
+    if med is None:
+        return ""
+    lo, hi = r.get("step_ms_min"), r.get("step_ms_max")
+    return f"{med:.4g} ({lo:.4g}-{hi:.4g})" if lo is not None and hi is not None else f"{med:.4g}"
+
+
+def provenance(rows: list[dict]) -> str:
+    """One line naming where and when `rows` were measured, from their machine record; '' without one."""
+    recs = [r for r in rows if "cpu_flags" in r]
+    if not recs:
+        return ""
+    r = recs[0]
+    avx = r["cpu_flags"].get("avx512")
+    commits = sorted({(x.get("commit") or "unknown")[:12] for x in recs})
+    loads = [x["load_avg"][0] for x in recs if x.get("load_avg")]
+    parts = [r.get("device", "?"), "AVX-512: " + ("unknown" if avx is None else "yes" if avx else "no"),
+             "commit " + ", ".join(commits), r.get("time", "")[:10]]
+    if loads:
+        parts.append(f"1-min load average {min(loads):.1f}-{max(loads):.1f}")
+    return "Measured on " + "; ".join(p for p in parts if p) + "."
+
+
+def best_torch(impls: dict) -> tuple[str, dict] | tuple[None, None]:
+    """The fastest PyTorch row of a case (name, row)."""
+    torch_rows = {n: r for n, r in impls.items() if n.startswith("torch")}
+    if not torch_rows:
+        return None, None
+    name = max(torch_rows, key=lambda n: torch_rows[n]["tokens_per_s"])
+    return name, torch_rows[name]
+
+
+def rnn_layers(prefix: str, results: Path = RESULTS) -> str:
+    rows = [r for r in load(f"{prefix}-rnn-layers.jsonl", results) if "impl" in r]
     by_case = defaultdict(dict)
     for r in rows:
         by_case[(r["layer"], r["hidden"], r["mode"])][r["impl"]] = r
     out = []
     for (layer, hidden, mode), impls in by_case.items():
         j, t = impls.get("jaxseq"), impls.get("torch")
+        tname, tbest = best_torch(impls)
         flax = {n: r for n, r in impls.items() if n.startswith("flax")}
         best_flax = max(flax.values(), key=lambda r: r["tokens_per_s"]) if flax else None
+        path = f" ({t['torch_path']})" if t and t.get("torch_path") else ""
+        compiled = impls.get("torch-compile-cell")
         out.append([
             layer, hidden, mode, k(j["tokens_per_s"]),
             k(impls["jaxseq-fused"]["tokens_per_s"]) if "jaxseq-fused" in impls else "",
             k(impls["jaxseq-scan"]["tokens_per_s"]),
             f"{k(best_flax['tokens_per_s'])} ({best_flax['impl'][5:]})" if best_flax else "",
-            k(t["tokens_per_s"]), f"**{j['tokens_per_s'] / t['tokens_per_s']:.2f}x**",
+            k(t["tokens_per_s"]) + path if t else "",
+            k(compiled["tokens_per_s"]) if compiled else "",
+            f"**{j['tokens_per_s'] / tbest['tokens_per_s']:.2f}x** ({tname})" if tbest else "",
             f"{j['tokens_per_s'] / best_flax['tokens_per_s']:.2f}x" if best_flax else "",
             f"{j['frac_peak']:.0%}", mb(j, t),
         ])
-    header = ["layer", "hidden", "mode", "jaxseq", "jaxseq XLA path", "jaxseq plain scan", "best Flax", "PyTorch",
-              "jaxseq / PyTorch", "jaxseq / best Flax", "jaxseq % of peak", "peak MiB, jaxseq / PyTorch"]
+    header = ["layer", "hidden", "mode", "jaxseq", "jaxseq XLA path", "jaxseq plain scan", "best Flax",
+              "PyTorch nn module (path)", "PyTorch compiled cell loop", "jaxseq / best PyTorch",
+              "jaxseq / best Flax", "jaxseq % of peak", "peak MiB, jaxseq / PyTorch"]
     return table(header, out)
 
 
-def attention(prefix: str, suffix: str = "") -> str:
-    rows = [r for r in load(f"{prefix}-attention{suffix}.jsonl") if "impl" in r]
+def attention(prefix: str, suffix: str = "", results: Path = RESULTS) -> str:
+    rows = [r for r in load(f"{prefix}-attention{suffix}.jsonl", results) if "impl" in r]
     by_len = defaultdict(dict)
     for r in rows:
         by_len[r["length"]][r["impl"]] = r
@@ -86,8 +135,8 @@ def attention(prefix: str, suffix: str = "") -> str:
     return table(header, out)
 
 
-def linear_scan(prefix: str) -> str:
-    rows = [r for r in load(f"{prefix}-linear-scan.jsonl") if r.get("bench") == "linear_scan"]
+def linear_scan(prefix: str, results: Path = RESULTS) -> str:
+    rows = [r for r in load(f"{prefix}-linear-scan.jsonl", results) if r.get("bench") == "linear_scan"]
     by_len = defaultdict(dict)
     for r in rows:
         by_len[r["length"]][r["model"] if r["model"] == "lstm" else f"{r['model']}-{r['form']}"] = r
@@ -100,28 +149,72 @@ def linear_scan(prefix: str) -> str:
     return table(["length"] + names, out)
 
 
-def gpt_step(prefix: str) -> str:
-    rows = load(f"{prefix}-gpt-step.jsonl")
-    out = []
+def gpt_step(prefix: str, results: Path = RESULTS) -> str:
+    """One row per (config, impl); the ratio is against the fastest PyTorch form of the same config
+    (rows from before the PyTorch variants: against eager PyTorch, their only one)."""
+    rows = [r for r in load(f"{prefix}-gpt-step.jsonl", results) if "impl" in r]
+    by_config = defaultdict(dict)  # config -> {impl: row} of the file's last run of that config
     for r in rows:
         c = r["config"]
-        out.append([f"{c['layers']}L d{c['d_model']} ctx{c['context']} b{c['batch']}", r["impl"],
-                    k(r["tokens_per_s"]), r["compile_or_first_step_s"], f"{r['mfu']:.0%}",
-                    f"**{r['speedup_vs_torch']:.2f}x**", mb(r)])
-    return table(["config", "impl", "tokens/s", "compile / first step s", "% of matmul peak", "vs PyTorch", "peak MiB"], out)
+        run = by_config[f"{c['layers']}L d{c['d_model']} ctx{c['context']} b{c['batch']}"]
+        if r["impl"] in run:  # a run writes each impl once: a repeat starts the next run
+            run.clear()
+        run[r["impl"]] = r
+    out = []
+    for config, impls in by_config.items():
+        tname, tbest = best_torch(impls)
+        for name, r in impls.items():
+            ratio = f"**{r['tokens_per_s'] / tbest['tokens_per_s']:.2f}x**" if tbest else ""
+            out.append([config, name, k(r["tokens_per_s"]), ms(r), r["compile_or_first_step_s"],
+                        f"{r['mfu']:.0%}", ratio, tname or "", mb(r)])
+    return table(["config", "impl", "tokens/s", "step ms (min-max)", "compile / first step s",
+                  "% of matmul peak", "vs best PyTorch", "best PyTorch form", "peak MiB"], out)
+
+
+SECTIONS = [("LSTM / GRU layers", "rnn-layers", rnn_layers),
+            ("causal attention", "attention", lambda p, r: attention(p, "", r)),
+            ("causal attention, bfloat16", "attention-bf16", lambda p, r: attention(p, "-bf16", r)),
+            ("causal attention (1 core)", "attention-1thread", lambda p, r: attention(p, "-1thread", r)),
+            ("linear recurrences, training tokens/s", "linear-scan", linear_scan),
+            ("GPT train step", "gpt-step", gpt_step)]
+
+
+def render(prefix: str = "cpu", results: Path = RESULTS) -> str:
+    """All tables of one device prefix as markdown: a `####` heading, the provenance line, the table."""
+    parts = []
+    for title, stem, make in SECTIONS:
+        text = make(prefix, results)
+        if text.count("\n") > 1:  # a header alone: no results file for this device
+            where = provenance(load(f"{prefix}-{stem}.jsonl", results))
+            parts.append(f"#### {title}\n\n" + (f"{where}\n\n" if where else "") + text + "\n")
+    return "\n".join(parts)
+
+
+def write_section(readme: Path, text: str) -> None:
+    """Replace the lines between the README's BEGIN and END markers with `text` (markers kept)."""
+    doc = Path(readme).read_text()
+    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
+        raise SystemExit(f"{readme}: needs exactly one '{BEGIN}' line before one '{END}' line around the generated "
+                         "tables; add them where the tables belong and run again")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    note = "<!-- generated by `python benchmarks/summarize.py --write` from results/: edit the generator, not this -->"
+    Path(readme).write_text(f"{head}{BEGIN}\n{note}\n\n{text.strip()}\n\n{END}{tail}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prefix", default="cpu")
-    p = ap.parse_args(argv).prefix
-    sections = [("LSTM / GRU layers", rnn_layers(p)), ("causal attention", attention(p)),
-                ("causal attention, bfloat16", attention(p, "-bf16")),
-                ("causal attention (1 core)", attention(p, "-1thread")),
-                ("linear recurrences, training tokens/s", linear_scan(p)), ("GPT train step", gpt_step(p))]
-    for title, text in sections:
-        if text.count("\n") > 1:  # a header alone: no results file for this device
-            print(f"### {title}\n\n{text}\n")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the directory of the .jsonl files")
+    ap.add_argument("--write", action="store_true", help="rewrite the README's section between the markers")
+    ap.add_argument("--readme", type=Path, default=README, help="the file --write rewrites")
+    args = ap.parse_args(argv)
+    text = render(args.prefix, args.results)
+    if args.write:
+        write_section(args.readme, text)
+        print(f"wrote the tables into {args.readme}", file=sys.stderr)
+    else:
+        print(text)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_name  # noqa: E402
+from _common import run_record, setup_process  # noqa: E402
 
 from jaxseq.models.wavenet import WaveNet, generate  # noqa: E402
 
@@ -53,7 +53,7 @@ def naive_generate(model, variables, speaker, num_steps, key):
 
 
 def _time_round_robin(fns: dict, reps: int) -> dict:
-    """{name: (median_s, min_s)} of `reps` calls of each fn after a compile call, timed in turn, so that a
+    """{name: (median_s, min_s, max_s)} of `reps` calls of each fn after a compile call, timed in turn, so that a
     shared machine's slow spells fall on every method alike."""
     for fn in fns.values():
         jax.block_until_ready(fn())  # compile + warm-up
@@ -63,7 +63,7 @@ def _time_round_robin(fns: dict, reps: int) -> dict:
             t = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t)
-    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
+    return {name: (statistics.median(ts), min(ts), max(ts)) for name, ts in times.items()}
 
 
 def main(argv=None) -> list[dict]:
@@ -74,9 +74,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--skip-channels", type=int, default=64)
     p.add_argument("--queue-steps", type=int, default=2048)
     p.add_argument("--naive-work", type=int, default=1 << 16, help="naive steps x receptive field per call")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed rounds (at least 3)")
     p.add_argument("--out", default="")
+    p.add_argument("--system-malloc", action="store_true", help="glibc's default malloc")
     a = p.parse_args(argv)
+    if a.reps < 3:
+        p.error("--reps must be at least 3 (a median of fewer rounds says little)")
+    process = setup_process(a.system_malloc)  # before JAX's first computation, as every benchmark
     out = a.out or os.path.join(os.path.dirname(__file__), "results", f"wavenet_generation-{jax.default_backend()}.jsonl")
     rows = []
     speaker = jnp.zeros((a.batch,), jnp.int32)
@@ -94,10 +98,10 @@ def main(argv=None) -> list[dict]:
         }
         timed = _time_round_robin({m: fn for m, (_, fn) in runs.items()}, a.reps)
         for method, (steps, _) in runs.items():
-            med, best = timed[method]
+            med, best, worst = timed[method]
             row = {"bench": "wavenet_generation", "method": method, "receptive_field": R, "layers": c,
                    "channels": a.channels, "batch": a.batch, "steps": steps, "median_s": med, "min_s": best,
-                   "samples_per_s": a.batch * steps / med, "device": device_name()}
+                   "max_s": worst, "samples_per_s": a.batch * steps / med, **run_record(**process)}
             rows.append(row)
             print(json.dumps(row), flush=True)
         ring = next(r for r in rows if r["receptive_field"] == R and r["method"] == "queue-ring")

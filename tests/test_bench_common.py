@@ -51,3 +51,114 @@ def test_timed_rounds_interleaves_and_times_only_the_call_after_its_own():
     (times,) = timed_rounds(calls, rounds=2, clocks=(lambda: len(log),), lead_in=1)
     assert log == ["a", "a", "b", "b"] * 2  # each timed call right after an untimed one of its own
     assert times == {"a": [1, 1], "b": [1, 1]}  # a window holds exactly one call
+
+
+# ------------------------------------------------------------------- the record each row carries
+
+
+def test_run_record_names_commit_device_flags_threads_and_load():
+    import subprocess
+
+    torch = pytest.importorskip("torch")
+    from _common import run_record
+
+    rec = run_record(torch, malloc="system")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True).stdout.strip()
+    assert rec["commit"] is None if not head else rec["commit"].split("+")[0] == head
+    assert isinstance(rec["device"], str) and rec["device"].startswith(jax.devices()[0].platform)
+    flags = open("/proc/cpuinfo").read().split() if Path("/proc/cpuinfo").exists() else None
+    for name in ("avx512", "avx512f", "avx2", "fma", "amx"):
+        assert isinstance(rec["cpu_flags"][name], bool) or flags is None
+    if flags is not None:  # /proc/cpuinfo read independently
+        assert rec["cpu_flags"]["avx512f"] == ("avx512f" in flags)
+        assert rec["cpu_flags"]["avx2"] == ("avx2" in flags)
+    assert rec["threads"]["torch"] == torch.get_num_threads()
+    assert isinstance(rec["threads"]["cpu_count"], int) and isinstance(rec["threads"]["xla_flags"], str)
+    assert len(rec["load_avg"]) == 3 and all(isinstance(x, float) for x in rec["load_avg"])
+    assert rec["malloc"] == "system" and rec["jax"] == jax.__version__ and rec["torch"] == torch.__version__
+
+
+def test_setup_process_leaves_malloc_alone_when_asked(monkeypatch):
+    from _common import setup_process
+
+    assert setup_process(system_malloc=True) == {"malloc": "system"}
+    monkeypatch.setenv("JAXSEQ_MALLOC", "system")
+    assert setup_process() == {"malloc": "system"}
+
+
+def test_time_stats_median_min_max():
+    from _common import time_stats
+
+    assert time_stats([0.003, 0.001, 0.002, 0.010]) == {"step_ms": 2.5, "step_ms_min": 1.0, "step_ms_max": 10.0, "n": 4}
+
+
+# ------------------------------------------------------------------- FLOPs
+
+
+def test_gpt_flops_count_the_causal_half_of_attention():
+    from _common import gpt_flops_per_step
+
+    # by hand: N = 0, 1 layer, d = 2, T = 3, batch 1: query t meets t + 1 keys, 1 + 2 + 3 = 6 pairs,
+    # 12 d = 24 training FLOPs a pair (q.k and p.v, 2 d each forward, x3 for the backward) -> 144
+    assert gpt_flops_per_step(0, layers=1, d=2, ctx=3, batch=1) == 144
+    assert gpt_flops_per_step(0, layers=1, d=2, ctx=3, batch=1, causal=False) == 216  # 9 pairs
+    # a loop over the (query, key) pairs a causal mask keeps, plus 6N per token
+    N, L, d, T, B = 1000, 4, 8, 16, 3
+    pairs = sum(1 for q in range(T) for key in range(T) if key <= q)
+    assert gpt_flops_per_step(N, L, d, T, B) == 6 * N * T * B + 12 * d * L * pairs * B
+
+
+# ------------------------------------------------------------------- summarize's tables
+
+
+def _gpt_row(impl, tokens_per_s, **extra):
+    config = dict(layers=1, heads=2, d_model=32, context=16, batch=2)
+    return dict(bench="gpt_step", impl=impl, config=config, tokens_per_s=tokens_per_s, step_ms=1e3 * 32 / tokens_per_s,
+                step_ms_min=1.0, step_ms_max=9.0, compile_or_first_step_s=1.5, mfu=0.25, peak_mb=3.0,
+                cpu_flags={"avx512": False}, device="cpu: Test CPU (2 cores), cpu", commit="abc1234def567890",
+                load_avg=[0.5, 0.4, 0.3], time="2026-12-07T10:00:00Z", **extra)
+
+
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_summarize_gpt_table_compares_with_the_fastest_pytorch_form_of_the_last_run(tmp_path):
+    import summarize
+
+    old_run = [_gpt_row("jaxseq", 100.0), _gpt_row("torch-eager", 50.0)]
+    new_run = [_gpt_row("jaxseq", 1000.0), _gpt_row("flax-gpt", 900.0), _gpt_row("torch-eager", 800.0),
+               _gpt_row("torch-compile", 1250.0)]
+    _write_jsonl(tmp_path / "cpu-gpt-step.jsonl", old_run + new_run)
+    lines = summarize.gpt_step("cpu", tmp_path).splitlines()
+    rows = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert set(rows) == {"jaxseq", "flax-gpt", "torch-eager", "torch-compile"}  # the old run is gone
+    assert "**0.80x** | torch-compile" in rows["jaxseq"]  # 1000 / 1250, against the faster PyTorch form
+    assert "**0.64x**" in rows["torch-eager"] and "**1.00x**" in rows["torch-compile"]
+    assert "1.0k" in rows["jaxseq"] and "32 (1-9)" in rows["jaxseq"]  # tokens/s; median ms (min-max)
+
+
+def test_summarize_write_rewrites_only_the_marked_section(tmp_path):
+    import summarize
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _write_jsonl(results / "cpu-gpt-step.jsonl", [_gpt_row("jaxseq", 1000.0), _gpt_row("torch-eager", 500.0)])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\n\nintro\n\n{summarize.BEGIN}\nold table\n{summarize.END}\n\nafter\n")
+    summarize.main(["--results", str(results), "--write", "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n\n" + summarize.BEGIN) and text.endswith(summarize.END + "\n\nafter\n")
+    assert "old table" not in text and "#### GPT train step" in text and "**2.00x**" in text
+    assert "AVX-512: no" in text and "commit abc1234def56" in text  # the rows' record, in the provenance line
+    assert "LSTM / GRU layers" not in text  # no results file, no section
+    summarize.main(["--results", str(results), "--write", "--readme", str(readme)])
+    assert readme.read_text() == text  # idempotent
+
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="tables:begin"):
+        summarize.main(["--results", str(results), "--write", "--readme", str(readme)])
+    assert readme.read_text() == "# no markers\n"
