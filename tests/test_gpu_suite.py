@@ -32,7 +32,8 @@ def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     for stage in ("tests", "gpt2-small-bf16", "attention-bf16", "rnn-layers"):
         assert f"== {stage}: exit 0" in log, (stage, log[-3000:])
     assert "== done" in log
-    assert {"jaxseq", "flax-plain", "torch-eager"} <= _impls(tmp_path / "gpu-gpt-step.jsonl")
+    assert {"jaxseq", "jaxseq-model-hand-step", "flax-gpt", "torch-eager", "torch-eager-fused-adamw"} <= _impls(
+        tmp_path / "gpu-gpt-step.jsonl")
     assert {"jaxseq-flash", "jax-xla", "torch-sdpa"} <= _impls(tmp_path / "gpu-attention-bf16.jsonl")
     assert {"jaxseq", "jaxseq-scan", "torch"} <= _impls(tmp_path / "gpu-rnn-layers.jsonl")
     tests_log = (tmp_path / "tests.log").read_text()  # tests/test_gpu.py imported and collected, then skipped
