@@ -39,6 +39,9 @@ FLOPs: PaLM's count (6N per token + attention) with attention's T x T pairs halv
 T(T+1)/2, since every competitor skips the masked half (`_common.gpt_flops_per_step`); rows before
 this count (no `flop_count` field) used nanoGPT's full T x T count, 4% (d 128, context 64) to 8% (d 256, context 256) higher.
 
+Run it 3 times with the same --out (it appends): `summarize.py` then reports the median of the runs
+of the latest commit, with their min-max.
+
     python benchmarks/gpt_step.py                 # nanoGPT's small CPU config
     python benchmarks/gpt_step.py --d-model 256 --context 256 --batch 16 \
         --out benchmarks/results/cpu-gpt-step.jsonl    # the Transformer issue's comparison size

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -149,25 +150,53 @@ def linear_scan(prefix: str, results: Path = RESULTS) -> str:
     return table(["length"] + names, out)
 
 
-def gpt_step(prefix: str, results: Path = RESULTS) -> str:
-    """One row per (config, impl); the ratio is against the fastest PyTorch form of the same config
-    (rows from before the PyTorch variants: against eager PyTorch, their only one)."""
-    rows = [r for r in load(f"{prefix}-gpt-step.jsonl", results) if "impl" in r]
-    by_config = defaultdict(dict)  # config -> {impl: row} of the file's last run of that config
+def gpt_runs(rows: list[dict]) -> dict[str, list[dict]]:
+    """{config label: [run, ...]}, each run {impl: row}, in file order. A run is one invocation of
+    gpt_step.py: its rows share the `time` of their record (older rows have none: a run ends where an
+    impl repeats)."""
+    runs = defaultdict(list)
     for r in rows:
         c = r["config"]
-        run = by_config[f"{c['layers']}L d{c['d_model']} ctx{c['context']} b{c['batch']}"]
-        if r["impl"] in run:  # a run writes each impl once: a repeat starts the next run
-            run.clear()
-        run[r["impl"]] = r
+        label = f"{c['layers']}L d{c['d_model']} ctx{c['context']} b{c['batch']}"
+        last = runs[label][-1] if runs[label] else None
+        same = last is not None and r["impl"] not in last and next(iter(last.values())).get("time") == r.get("time")
+        if not same:
+            runs[label].append({})
+        runs[label][-1][r["impl"]] = r
+    return runs
+
+
+def gpt_step(prefix: str, results: Path = RESULTS) -> str:
+    """One row per (config, impl) over the config's runs of the latest commit (rows without a commit:
+    the last run alone): the median over runs of tokens/s and of the ratio to each run's fastest
+    PyTorch form, with the min-max over runs when there are several (run gpt_step.py 3 times with the
+    same --out for a sceptic's table), else the run's median step with its min-max over rounds."""
+    rows = [r for r in load(f"{prefix}-gpt-step.jsonl", results) if "impl" in r]
     out = []
-    for config, impls in by_config.items():
-        tname, tbest = best_torch(impls)
-        for name, r in impls.items():
-            ratio = f"**{r['tokens_per_s'] / tbest['tokens_per_s']:.2f}x**" if tbest else ""
-            out.append([config, name, k(r["tokens_per_s"]), ms(r), r["compile_or_first_step_s"],
-                        f"{r['mfu']:.0%}", ratio, tname or "", mb(r)])
-    return table(["config", "impl", "tokens/s", "step ms (min-max)", "compile / first step s",
+    for config, runs in gpt_runs(rows).items():
+        commit = next(iter(runs[-1].values())).get("commit")
+        if commit:
+            runs = [run for run in runs if next(iter(run.values())).get("commit") == commit]
+        else:
+            runs = runs[-1:]
+        for name in runs[-1]:
+            per_run = [run for run in runs if name in run]
+            toks = [run[name]["tokens_per_s"] for run in per_run]
+            ratios = []
+            for run in per_run:
+                tname, tbest = best_torch(run)
+                if tbest:
+                    ratios.append((run[name]["tokens_per_s"] / tbest["tokens_per_s"], tname))
+            r = runs[-1][name]
+            if len(per_run) > 1:
+                spread = f"{k(statistics.median(toks))} ({k(min(toks))}-{k(max(toks))}, {len(toks)} runs)"
+                step = f"{statistics.median(x['step_ms'] for x in (run[name] for run in per_run)):.4g}"
+            else:
+                spread, step = k(toks[0]), ms(r)
+            ratio = f"**{statistics.median(x for x, _ in ratios):.2f}x**" if ratios else ""
+            forms = ", ".join(sorted({t for _, t in ratios}))
+            out.append([config, name, spread, step, r["compile_or_first_step_s"], f"{r['mfu']:.0%}", ratio, forms, mb(r)])
+    return table(["config", "impl", "tokens/s", "step ms", "compile / first step s",
                   "% of matmul peak", "vs best PyTorch", "best PyTorch form", "peak MiB"], out)
 
 

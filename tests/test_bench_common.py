@@ -114,10 +114,11 @@ def test_gpt_flops_count_the_causal_half_of_attention():
 
 def _gpt_row(impl, tokens_per_s, **extra):
     config = dict(layers=1, heads=2, d_model=32, context=16, batch=2)
-    return dict(bench="gpt_step", impl=impl, config=config, tokens_per_s=tokens_per_s, step_ms=1e3 * 32 / tokens_per_s,
-                step_ms_min=1.0, step_ms_max=9.0, compile_or_first_step_s=1.5, mfu=0.25, peak_mb=3.0,
-                cpu_flags={"avx512": False}, device="cpu: Test CPU (2 cores), cpu", commit="abc1234def567890",
-                load_avg=[0.5, 0.4, 0.3], time="2026-12-07T10:00:00Z", **extra)
+    row = dict(bench="gpt_step", impl=impl, config=config, tokens_per_s=tokens_per_s, step_ms=1e3 * 32 / tokens_per_s,
+               step_ms_min=1.0, step_ms_max=9.0, compile_or_first_step_s=1.5, mfu=0.25, peak_mb=3.0,
+               cpu_flags={"avx512": False}, device="cpu: Test CPU (2 cores), cpu", commit="abc1234def567890",
+               load_avg=[0.5, 0.4, 0.3], time="2026-12-07T10:00:00Z")
+    return {**row, **extra}
 
 
 def _write_jsonl(path, rows):
@@ -126,19 +127,30 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_summarize_gpt_table_compares_with_the_fastest_pytorch_form_of_the_last_run(tmp_path):
+def test_summarize_gpt_table_compares_with_the_fastest_pytorch_form_over_the_latest_commits_runs(tmp_path):
     import summarize
 
-    old_run = [_gpt_row("jaxseq", 100.0), _gpt_row("torch-eager", 50.0)]
-    new_run = [_gpt_row("jaxseq", 1000.0), _gpt_row("flax-gpt", 900.0), _gpt_row("torch-eager", 800.0),
-               _gpt_row("torch-compile", 1250.0)]
-    _write_jsonl(tmp_path / "cpu-gpt-step.jsonl", old_run + new_run)
+    def run(when, commit, jaxseq, eager, compiled):
+        extra = dict(time=when, commit=commit)
+        return [_gpt_row("jaxseq", jaxseq, **extra), _gpt_row("flax-gpt", 900.0, **extra),
+                _gpt_row("torch-eager", eager, **extra), _gpt_row("torch-compile", compiled, **extra)]
+
+    older = run("2026-12-06T09:00:00Z", "0ld", 100.0, 50.0, 60.0)  # another commit: left out
+    runs = (run("2026-12-07T10:00:00Z", "abc", 1000.0, 800.0, 1250.0)   # 0.80x torch-compile
+            + run("2026-12-07T10:10:00Z", "abc", 1100.0, 1000.0, 900.0)  # 1.10x torch-eager
+            + run("2026-12-07T10:20:00Z", "abc", 900.0, 800.0, 1000.0))  # 0.90x torch-compile
+    _write_jsonl(tmp_path / "cpu-gpt-step.jsonl", older + runs)
     lines = summarize.gpt_step("cpu", tmp_path).splitlines()
     rows = {line.split(" | ")[1]: line for line in lines[2:]}
-    assert set(rows) == {"jaxseq", "flax-gpt", "torch-eager", "torch-compile"}  # the old run is gone
-    assert "**0.80x** | torch-compile" in rows["jaxseq"]  # 1000 / 1250, against the faster PyTorch form
+    assert set(rows) == {"jaxseq", "flax-gpt", "torch-eager", "torch-compile"}
+    # medians over the 3 runs: tokens/s 1000 (900-1100); ratio to each run's fastest PyTorch form 0.90x
+    assert "| 1.0k (0.9k-1.1k, 3 runs) |" in rows["jaxseq"]
+    assert "**0.90x** | torch-compile, torch-eager |" in rows["jaxseq"]
+
+    _write_jsonl(tmp_path / "cpu-gpt-step.jsonl", older + runs[:4])  # one run: its rounds' min-max
+    rows = {line.split(" | ")[1]: line for line in summarize.gpt_step("cpu", tmp_path).splitlines()[2:]}
+    assert "| 1.0k | 32 (1-9) |" in rows["jaxseq"] and "**0.80x** | torch-compile |" in rows["jaxseq"]
     assert "**0.64x**" in rows["torch-eager"] and "**1.00x**" in rows["torch-compile"]
-    assert "1.0k" in rows["jaxseq"] and "32 (1-9)" in rows["jaxseq"]  # tokens/s; median ms (min-max)
 
 
 def test_summarize_write_rewrites_only_the_marked_section(tmp_path):
