@@ -98,6 +98,7 @@ def worker(devices: int, steps: int, models: list[str]) -> None:
                 "mesh_shape": dict(mesh.shape), "compute_dtype": dtype_name, "batch": dc.batch_size,
                 "seq_len": dc.seq_len, "params": n_params, "compile_s": round(compile_s, 2),
                 "step_ms": round(1e3 * step_s, 2), "step_ms_min": round(1e3 * min(times[2:]), 2),
+                "step_ms_max": round(1e3 * max(times[2:]), 2),
                 "tokens_per_s": round(dc.batch_size * dc.seq_len / step_s),
                 "loss": round(float(metrics["loss"]), 4), "timed_steps": steps,
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
