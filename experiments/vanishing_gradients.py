@@ -154,18 +154,21 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.3))
+    weights = list(dict.fromkeys(r["w"] for r in rows if r["kind"] == "scalar"))
     for r in rows:
-        if r["kind"] == "scalar":
+        if r["kind"] == "scalar":  # one colour per w; solid with zero inputs, dashed with N(0, 1) inputs
             ls = "-" if r["regime"] == "zero inputs" else "--"
-            axes[0].plot(range(1, len(r["norms"]) + 1), r["norms"], ls, label=f"w={r['w']}, {r['regime']}")
+            axes[0].plot(range(1, len(r["norms"]) + 1), r["norms"], ls, color=f"C{weights.index(r['w'])}",
+                         label=f"w={r['w']}, {r['regime']}")
     axes[0].set(yscale="log", xlabel="T - t", ylabel="|d h_T / d h_t|", title="scalar tanh RNN")
     axes[0].legend(fontsize=6)
+    families = list(dict.fromkeys(r["family"] for r in rows if r["kind"] == "family"))
     for r in rows:
-        if r["kind"] == "family":
-            ls = "-" if r["stage"] == "trained" else ":"
-            axes[1].plot(r["input_grad"], ls, label=f"{r['family']} ({r['stage']})")
+        if r["kind"] == "family":  # one colour per family; dotted at initialisation, solid trained
+            style = {"ls": "-" if r["stage"] == "trained" else ":", "color": f"C{families.index(r['family'])}"}
+            axes[1].plot(r["input_grad"], **style, label=f"{r['family']} ({r['stage']})")
             if "state_jacobian" in r:
-                axes[2].plot(range(1, len(r["state_jacobian"]) + 1), r["state_jacobian"], ls,
+                axes[2].plot(range(1, len(r["state_jacobian"]) + 1), r["state_jacobian"], **style,
                              label=f"{r['family']} ({r['stage']})")
     axes[1].set(yscale="log", xlabel="positions before the query", ylabel="|| d loss / d x_t ||",
                 title="input gradient on the recall probe")
