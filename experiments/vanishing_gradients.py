@@ -21,7 +21,13 @@ Measured:
     python experiments/vanishing_gradients.py      # results/vanishing_gradients.{jsonl,png}
     python experiments/vanishing_gradients.py --quick
 
-Results: see experiments/README.md ("vanishing_gradients.py").
+Measured (seed 0, results/vanishing_gradients.jsonl; the tables in experiments/README.md): with zero inputs
+the scalar gradient is exactly w^k (1.5^50 = 6e8); with N(0, 1) inputs tanh saturates and every w up to
+1.5 vanishes (1e-20 over 50 steps): no explosion. On recall at distance 30, GRU, minGRU, LRU, conv and
+Transformer learn it (accuracy 1.00) and their value-to-query gradient ratio goes from 1e-7..0.3 at init
+to 0.8..8.6; the Elman RNN and the LSTM (PyTorch's init) stay at chance with ratios of 1e-7 and 3e-6.
+The ReLU RNN at lr 1e-2 peaked at gradient norm 871 (clipped) and 116 (unclipped) without overflowing;
+both ended at chance, so clipping made no difference here.
 """
 
 from __future__ import annotations
