@@ -1,7 +1,7 @@
 """What the desiderata, long-range and vanishing-gradient experiments share: the model families at comparable
 sizes, and one training run of a family on a probe task (`jaxseq.tasks.probes`).
 
-Sizes (`family_sections`): about 20-35k parameters in each gradient-trained body, so a family wins by its
+Sizes (`family_sections`): 23-34k parameters in each gradient-trained model, so a family wins by its
 structure, not its width. The classic cells are one layer, as in the lecture; the linear recurrences
 (minGRU, LRU) are two residual pre-norm blocks, the form their papers train (one linear layer cannot
 mix information across time nonlinearly). The conv LM has 7 dilated blocks: a receptive field of 129
@@ -11,6 +11,7 @@ tokens, by design shorter than the longest distances probed.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def train_probe(family: str, probe: Probes, *, steps: int, run_root, seed: int =
                 tag: str = "", grad_clip: float = 1.0) -> dict:
     """Train `family` on `probe`; the result row: test accuracy (and at 2x / 4x length), params, wall time."""
     run_dir = Path(run_root) / f"{probe.probe}{tag}-{family}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short earlier is started again, not resumed
     t0 = time.perf_counter()
     summary = train(None, None, probe_config(family, probe, steps=steps, run_dir=run_dir, seed=seed, quick=quick,
                                              grad_clip=grad_clip))
