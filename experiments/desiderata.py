@@ -23,7 +23,11 @@ Each probe run is `probe_steps` steps of 32 sequences. A probe cell gets a tick 
     python experiments/desiderata.py               # results/desiderata.{jsonl,png}
     python experiments/desiderata.py --quick       # seconds: the pulse test
 
-Results: see experiments/README.md ("desiderata.py").
+Measured (seed 0; the table with the lecture's ticks in experiments/README.md): order 100% for every
+order-aware family, 50% for the additive model, 60% for the 7-gram; variable length at 4x: 100% LSTM,
+Transformer, additive, 69-88% the others; pairwise: no family above 59%; long-term (D = 100): 100% GRU,
+conv, Transformer, minGRU, LRU, additive, chance for RNN, LSTM, n-gram; LM after 60 s: the counted
+7-gram 2.20 bits/char, the best gradient-trained model (Elman RNN) 2.53, the Transformer 3.92 (225 steps).
 """
 
 from __future__ import annotations

@@ -17,7 +17,11 @@ Measured:
     python experiments/long_range.py                # both parts; results/long_range.{jsonl,png}, long_range_cost.png
     python experiments/long_range.py --quick        # seconds: the pulse test
 
-Results: see experiments/README.md ("long_range.py").
+Measured (seed 0, D = 10 / 30 / 100 / 300; tables in experiments/README.md): Transformer and the
+additive bag 1.00 at every distance; minGRU 1.00 to 100, 0.92 at 300; GRU 1.00 to 100, 0.33 at 300;
+conv (receptive field 129) 1.00 to 100, chance at 300; LRU 1.00 to 100, chance at 300; LSTM 0.80 at
+10, chance beyond; Elman RNN and n-gram at chance. Cost: the Transformer's cost per token relative to
+the LSTM's grows from 5x at T = 128 to 13x at 4,096; minGRU and conv stay at 1.5-3.5x.
 """
 
 from __future__ import annotations
