@@ -317,7 +317,8 @@ def task_section(config: TrainConfig):
 
 
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain JSON values (tuples become lists), so it equals what a run directory stores."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def from_dict(cls, d: dict):
@@ -328,9 +329,11 @@ def from_dict(cls, d: dict):
         if k not in hints:
             continue
         f = hints[k]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default) and isinstance(v, dict):
             kwargs[k] = from_dict(type(default), v)
+        elif isinstance(default, tuple) and isinstance(v, list):
+            kwargs[k] = tuple(v)  # JSON has no tuples; a tuple field (e.g. --audio.voices) comes back as one
         else:
             kwargs[k] = v
     return cls(**kwargs)
