@@ -140,7 +140,7 @@ def clipping_rows(args: Args, probe: Probes) -> list[dict]:
 
 def main(args: Args) -> list[dict]:
     if args.quick:
-        args = dataclasses.replace(args, weights=(0.9, 1.1), horizon=10, families=("lstm", "conv"), distance=3,
+        args = dataclasses.replace(args, weights=(0.9, 1.1), horizon=10, families=("lstm",), distance=3,
                                    steps=3, clip_steps=3)
     probe = Probes(probe="recall", distance=args.distance, num_symbols=16, test_size=64 if args.quick else 1024)
     rows = scalar_rows(args) + family_rows(args, probe) + clipping_rows(args, probe)

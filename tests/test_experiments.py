@@ -168,9 +168,8 @@ def test_vanishing_gradients_quick(tmp_path):
     np.testing.assert_allclose(scalar["zero inputs", 0.9], 0.9 ** np.arange(1, 11), rtol=1e-3)
     np.testing.assert_allclose(scalar["zero inputs", 1.1], 1.1 ** np.arange(1, 11), rtol=1e-3)
     family = [r for r in rows if r["kind"] == "family"]
-    assert [(r["family"], r["stage"]) for r in family] == [("lstm", "init"), ("lstm", "trained"),
-                                                             ("conv", "init"), ("conv", "trained")]
-    assert "state_jacobian" in family[0] and "state_jacobian" not in family[2]  # cells only
+    assert [(r["family"], r["stage"]) for r in family] == [("lstm", "init"), ("lstm", "trained")]
+    assert all(len(r["state_jacobian"]) == len(r["input_grad"]) for r in family)  # one norm per step back
     assert all(r["input_grad"][0] > 0 for r in family)
     assert [r["grad_clip"] for r in rows if r["kind"] == "clipping"] == [1.0, 0.0]
     assert not (tmp_path / "out.jsonl").exists()
