@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxseq.errors import DataError
+from jaxseq.files import save_npz_cache
 
 ESPEAK_RATE = 22050  # what espeak_Initialize returns for synchronous output
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -217,11 +218,5 @@ def speech_corpus(voices: tuple, num_sentences: int, sample_rate: int) -> dict:
     lengths = np.array([len(p) for p in pieces], np.int64)
     arrays = {"audio": np.concatenate(pieces), "starts": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
               "lengths": lengths, "speaker": np.array(speaker, np.int32), "sentence": np.array(sentence, np.int32)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees no file or the whole one
-    except OSError:
-        pass  # an unwritable cache only costs a rebuild
+    save_npz_cache(path, arrays)
     return arrays

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq.errors import ConfigError, DataError
+from jaxseq.files import save_npz_cache
 from jaxseq.tasks.common import classification_loss, epoch_rows, evaluate_sums, padded_rows
 
 NUM_CLASSES = 10
@@ -115,11 +116,5 @@ def _generate(shuffle: bool) -> dict:
     finally:
         np.random.set_state(state)
     arrays = {"x_train": d["x"], "y_train": d["y"], "x_test": d["x_test"], "y_test": d["y_test"]}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees no file or the whole one
-    except OSError:
-        pass  # an unwritable cache only costs a regeneration
+    save_npz_cache(path, arrays)
     return arrays
