@@ -60,8 +60,14 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
+# One id per process: the rows of one invocation of a script form one run (summarize.py takes the
+# median over runs).
+RUN_ID = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+
+
 def run_record(torch=None, **extra) -> dict:
-    """What each JSON line records about where and how it was measured: `commit` (str or None),
+    """What each JSON line records about where and how it was measured: `run_id` (`RUN_ID`, the same for
+    every row of one invocation), `commit` (str or None),
     `device` (`device_name()`), `cpu_flags` (`cpu_flags()`), `threads` (cores this process may use,
     os.cpu_count(), torch's intra-op threads when `torch` is given, XLA_FLAGS), `load_avg` (1, 5, 15
     minutes, when the record is taken), `time` (UTC), the library versions; `extra` is merged in
@@ -74,7 +80,7 @@ def run_record(torch=None, **extra) -> dict:
     if torch is not None:
         threads["torch"] = torch.get_num_threads()
         versions["torch"] = torch.__version__
-    return {"commit": git_commit(), "device": device_name(), "cpu_flags": cpu_flags(), "threads": threads,
+    return {"run_id": RUN_ID, "commit": git_commit(), "device": device_name(), "cpu_flags": cpu_flags(), "threads": threads,
             "load_avg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **versions, **extra}
 
@@ -260,3 +266,50 @@ def torch_peak_mb(torch, call, device: str) -> float | None:
         print(f"torch_peak_mb: no CPU memory timeline ({type(err).__name__}: {err})", flush=True)
         return None
     return round(max(sum(row) for row in sizes) / 2**20, 2) if sizes else None
+
+
+# Resident memory as the operating system sees it, the same account for every library: Linux's
+# VmRSS (now) and VmHWM (the high-water mark, which writing "5" to /proc/self/clear_refs resets).
+# A process keeps memory another competitor freed, so each RSS row runs one competitor alone in a
+# fresh process (`memory.py`); within it, the mark is reset once everything is built, so the peak
+# covers that competitor's calls, on top of what importing both libraries and building took.
+
+
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float | None:
+    """The process's resident memory now, in MiB (None off Linux)."""
+    return _proc_status_mb("VmRSS")
+
+
+def reset_peak_rss() -> float | None:
+    """Restart the high-water mark of resident memory at the current RSS; returns that RSS in MiB.
+    Call it right before a competitor's first call. None where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return rss_mb()
+
+
+def peak_rss_mb() -> float | None:
+    """The most resident memory since `reset_peak_rss()` (or since the process started), in MiB."""
+    return _proc_status_mb("VmHWM")
+
+
+def rss_fields(base_mb: float | None) -> dict:
+    """What an RSS row records: `rss_base_mb` (after imports and building, before the first call),
+    `rss_peak_mb` (the high-water mark since) and `rss_growth_mb` (their difference: what the calls took)."""
+    peak = peak_rss_mb()
+    growth = round(peak - base_mb, 1) if peak is not None and base_mb is not None else None
+    return {"rss_base_mb": base_mb, "rss_peak_mb": peak, "rss_growth_mb": growth}

@@ -15,11 +15,15 @@ the gradients of sum(out * g) with respect to q, k, v for a fixed random cotange
   * torch-sdpa:   `torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)` (its CPU flash
                   kernel; on a GPU backend torch runs on CUDA, or is left out if it has no CUDA), inputs
                   in its native [B, H, T, d] layout
+  * torch-sdpa-compile: the same call under `torch.compile` (default mode, one graph per length), its
+                  backward through AOTAutograd; left out, with the reason in `skipped`, where inductor
+                  cannot build. Each row names the faster PyTorch form (`best_torch`) and its ratio to it.
 
 All run in one process, after warm-up, interleaved (each in turn, `--repeats` rounds; every timed step
 follows an untimed one of the same implementation, `_common.timed_rounds`) so a busy shared CPU slows
-them alike; we report medians, tokens/s = batch * length / step time, and the speedup over torch (its
-time / ours). Compile (first call) seconds are reported separately. Outputs and gradients are checked
+them alike; we report medians with min and max, tokens/s = batch * length / step time, and the
+speedup over the faster PyTorch form (its time / ours). Rows are appended to the results file with a
+`run_id`: run the script 3 times and `summarize.py` reports the median over the runs, with their min-max. Compile (first call) seconds are reported separately. Outputs and gradients are checked
 against torch once per length before timing (max_abs_err_vs_torch). `peak_mb`: one step's peak memory
 in each library's own account (`_common.jax_peak_mb`, `_common.torch_peak_mb`).
 
@@ -60,6 +64,7 @@ def parse_args(argv=None):
                     help="jaxseq rows: YNNPACK dots on CPU (as jaxseq's Transformer steps) or XLA's own")
     ap.add_argument("--flash-variants", default=None, help="block_q:block_k:chunk[:schedule],... (default: library defaults)")
     ap.add_argument("--no-xla", action="store_true", help="skip jax.nn.dot_product_attention")
+    ap.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile form of SDPA")
     ap.add_argument("--xla-max-len", type=int, default=4096, help="skip XLA above this length (it holds B*H*T*T floats)")
     ap.add_argument("--single-thread", action="store_true", help="one core, one thread each, CPU-clock timing")
     ap.add_argument("--quick", action="store_true", help="lengths 256 and 1024, 3 rounds, write no files")
@@ -135,6 +140,13 @@ def main(argv=None):
         **run_record(torch, **process),
     }  # fmt: skip
     print(json.dumps(header), flush=True)
+    def eager_sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    # PyTorch's other form: the same call under torch.compile (default mode; the backward through
+    # AOTAutograd), dynamic=False so each length gets its own graph as XLA's do.
+    compiled_sdpa = None if args.no_torch_compile else torch.compile(eager_sdpa, dynamic=False)
+    skipped = {}
     rows = []
     for T in args.lengths:
         rng = np.random.RandomState(T)
@@ -146,20 +158,38 @@ def main(argv=None):
             for t in (tq, tk, tv):
                 t.requires_grad_(True)
 
-            def torch_step():
-                for t in (tq, tk, tv):
-                    t.grad = None
-                out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-                out.backward(tg)
-                if tdev == "cuda":
-                    torch.cuda.synchronize()
-                return out
+            def torch_stepper(sdpa):
+                def torch_step():
+                    for t in (tq, tk, tv):
+                        t.grad = None
+                    out = sdpa(tq, tk, tv)
+                    out.backward(tg)
+                    if tdev == "cuda":
+                        torch.cuda.synchronize()
+                    return out
 
-            t0 = clock()
-            ref = torch_step()
-            compile_s["torch-sdpa"], max_err["torch-sdpa"] = clock() - t0, 0.0
-            want = [x.detach().float().cpu().numpy().transpose(0, 2, 1, 3) for x in [ref] + [t.grad for t in (tq, tk, tv)]]
-            steps["torch-sdpa"] = torch_step
+                return torch_step
+
+            torch_forms = {"torch-sdpa": torch_stepper(eager_sdpa)}
+            if compiled_sdpa is not None:
+                torch_forms["torch-sdpa-compile"] = torch_stepper(compiled_sdpa)
+            for name, torch_step in torch_forms.items():
+                t0 = clock()
+                try:
+                    out = torch_step()
+                except Exception as err:  # inductor needs a C++ toolchain; the eager row must not fail
+                    if name == "torch-sdpa":
+                        raise
+                    skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    print(f"skipping {name}: {skipped[name]}", file=sys.stderr, flush=True)
+                    continue
+                compile_s[name] = clock() - t0
+                got = [x.detach().float().cpu().numpy().transpose(0, 2, 1, 3) for x in [out] + [t.grad for t in (tq, tk, tv)]]
+                if want is None:
+                    want, max_err[name] = got, 0.0
+                else:
+                    max_err[name] = max(float(np.max(np.abs(a - b))) for a, b in zip(got, want))
+                steps[name] = torch_step
         jax_fns = {name: (lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)) for name, kw in variants}
         # The entry point: the native kernel on CPU, cuDNN's on GPU when eligible.
         jax_fns["jaxseq-attention"] = lambda q, k, v: attention(q, k, v, causal=True)
@@ -179,11 +209,13 @@ def main(argv=None):
             peak_mb[name] = jax_peak_mb(step)
         for fn in steps.values():  # one more warm-up call each
             fn()
-        if tdev:  # a profiled step, outside the timing
-            peak_mb["torch-sdpa"] = torch_peak_mb(torch, torch_step, tdev)
+        for name in [n for n in steps if n.startswith("torch")]:  # a profiled step each, outside the timing
+            peak_mb[name] = torch_peak_mb(torch, steps[name], tdev)
 
         (times,) = timed_rounds(steps, args.repeats, clocks=(clock,))
-        med_torch = statistics.median(times["torch-sdpa"]) if tdev else None
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        med_torch = medians.get("torch-sdpa")
+        best_torch = min((n for n in medians if n.startswith("torch")), key=medians.get, default=None)
         for name, ts in times.items():
             med = statistics.median(ts)
             row = {
@@ -193,6 +225,8 @@ def main(argv=None):
                 "step_ms_median": round(1e3 * med, 2), **time_stats(ts),
                 "tokens_per_s": round(B * T / med, 1),
                 "speedup_vs_torch": round(med_torch / med, 3) if med_torch else None,
+                "best_torch": best_torch, "skipped": skipped,
+                "speedup_vs_best_torch": round(medians[best_torch] / med, 3) if best_torch else None,
                 "max_abs_err_vs_torch": max_err.get(name), "peak_mb": peak_mb[name], "repeats": args.repeats,
                 "compiler_options": options.get(name, {}),
                 **run_record(torch, **process),
@@ -205,7 +239,7 @@ def main(argv=None):
         stem = ("cpu" if jax.default_backend() == "cpu" else "gpu") + "-attention"
         stem += ("-bf16" if args.dtype == "bfloat16" else "") + ("-1thread" if args.single_thread else "")
         out = Path(args.out) if args.out else RESULTS / f"{stem}.jsonl"
-        with open(out, "w") as f:
+        with open(out, "a") as f:  # appended: summarize.py takes the median over the runs of one commit
             for row in [header] + rows:
                 f.write(json.dumps(row) + "\n")
         plot(rows, out.with_suffix(".png"), args.single_thread)

@@ -77,8 +77,9 @@ from jaxseq.steps import init_train_state, make_train_step  # noqa: E402
 from jaxseq.xla_options import compiler_options  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (datasheet_peak_gflops, gpt_flops_per_step, jax_peak_mb, measure_peak, run_record,  # noqa: E402
-                     setup_process, time_stats, timed_rounds, torch_device, torch_peak_mb)
+from _common import (datasheet_peak_gflops, gpt_flops_per_step, jax_peak_mb, measure_peak,  # noqa: E402
+                     reset_peak_rss, rss_fields, run_record, setup_process, time_stats, timed_rounds,
+                     torch_device, torch_peak_mb)
 from plain_flax_gpt import PlainGPT, make_plain_step  # noqa: E402
 
 
@@ -197,14 +198,21 @@ def main():
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default malloc; by default the process reuses freed memory as `jaxseq "
                          "train` does (jaxseq/malloc.py), for every competitor alike")
+    ap.add_argument("--rss", action="store_true",
+                    help="resident-memory row: run only the --impls competitor, no peak matmul and no profiled "
+                         "step, and record the process's RSS before its first call and the high-water mark after "
+                         "(memory.py runs each competitor so, alone in a fresh process)")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error("--repeats must be at least 3 (a median of fewer rounds says little)")
+    if args.rss and (not args.impls or "," in args.impls):
+        ap.error("--rss measures one competitor: name it with --impls")
     process = setup_process(args.system_malloc)  # before JAX's first computation
     L, H, D, T, B, V = args.layers, args.heads, args.d_model, args.context, args.batch, args.vocab
     torch.set_num_threads(args.torch_threads)
     dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else None
-    peak = measure_peak(dtype=dtype or jnp.float32)
+    # in --rss mode the peak matmul's matrices would set the RSS high-water mark
+    peak = float("nan") if args.rss else measure_peak(dtype=dtype or jnp.float32)
     # MFU against the datasheet peak where one is known (a GPU), else against the measured one (CPU)
     sheet = datasheet_peak_gflops(jax.devices()[0].device_kind, args.compute_dtype)
     tdev = torch_device(torch)  # None: no torch rows (a GPU backend without a CUDA torch)
@@ -279,6 +287,7 @@ def main():
     if args.impls:
         runners = {n: r for n, r in runners.items() if n in args.impls.split(",")}
     first, losses, skipped = {}, {}, {}
+    rss_base = reset_peak_rss() if args.rss else None  # everything built; the first call (compile) counts
     for name, run in list(runners.items()):  # first call = compile (JAX, torch.compile) / first-step allocation
         t0 = time.perf_counter()
         try:
@@ -296,13 +305,15 @@ def main():
             run(i)
     batch0 = {"inputs": jx[0][0], "targets": jx[0][1], "mask": jnp.ones(jx[0][0].shape, bool)}
     peak_mb = {}
-    if "jaxseq" in runners:
+    if args.rss:
+        pass  # the lowering and the profiler below would count in the RSS
+    elif "jaxseq" in runners:
         peak_mb["jaxseq"] = jax_peak_mb(jaxseq_step.jitted.lower(box["jaxseq"], batch0).compile())
     for name, step in (("jaxseq-model-hand-step", plain_step), ("flax-gpt", flax_step)):
-        if name in runners:
+        if name in runners and not args.rss:
             peak_mb[name] = jax_peak_mb(step.lower(*box[name], *jx[0]).compile())
     for name in adamw:  # one profiled step each, outside the timed rounds
-        if name in runners:
+        if name in runners and not args.rss:
             peak_mb[name] = torch_peak_mb(torch, lambda name=name: runners[name](0), tdev)
     # Interleaved (a busy shared CPU slows all competitors alike), each timed step after an untimed one
     # of its own (`_common.timed_rounds`); every call takes the next of the 4 batches.
@@ -339,8 +350,11 @@ def main():
             speedup_vs_best_torch=round(medians[best_torch] / med, 3) if best_torch else None,
             speedup_vs_torch_eager=round(medians["torch-eager"] / med, 3) if "torch-eager" in medians else None,
             final_loss=round(losses[name], 4), uniform_loss=round(math.log(V), 4), **common,
+            **(rss_fields(rss_base) if args.rss else {}),
         ))
     for line in lines:
+        if args.rss:  # no peak was measured
+            line.update(mfu=None, frac_measured_peak=None, peak_gflop_per_s=None)
         print(json.dumps(line), flush=True)
     if args.out:
         with open(args.out, "a") as f:

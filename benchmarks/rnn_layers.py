@@ -41,7 +41,7 @@ Each row has the median step time with its min and max over the rounds, and the 
 the same process set-up (`_common.setup_process`: glibc keeps freed memory, as `jaxseq train` does;
 `--system-malloc` for glibc's defaults).
 
-    python benchmarks/rnn_layers.py                # full table -> benchmarks/results/cpu.jsonl (+ .png)
+    python benchmarks/rnn_layers.py                # full table, appended to benchmarks/results/cpu.jsonl (+ .png)
     python benchmarks/rnn_layers.py --replot benchmarks/results/cpu-rnn-layers.jsonl   # the plot only
     python benchmarks/rnn_layers.py --quick        # hidden 256 only, few repeats (~2 min)
     python benchmarks/rnn_layers.py --threads 1    # one thread for XLA and torch (less noise)
@@ -72,7 +72,12 @@ def _parse():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="0: libraries' defaults; N: XLA and torch on N threads")
     p.add_argument("--impls", default="", help="comma list to run a subset (names as in the output)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu.jsonl"))
+    p.add_argument("--rss", action="store_true",
+                   help="resident-memory row: run only the --impls competitor(s), no peak matmul, and record the "
+                        "process's RSS before the first call and its high-water mark after (memory.py runs each "
+                        "competitor so, alone in a fresh process)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu.jsonl"),
+                   help="append the rows to this file (summarize.py takes the median over runs of one commit)")
     p.add_argument("--replot", default=None, metavar="JSONL", help="only redraw the plot (.png beside it) of a results file")
     return p.parse_args()
 
@@ -92,8 +97,8 @@ import jaxseq  # noqa: E402
 from jaxseq.kernels import cpu as native  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (device_name, jax_peak_mb, measure_peak, run_record, setup_process,  # noqa: E402
-                     time_stats, timed_rounds, torch_device, torch_peak_mb)
+from _common import (device_name, jax_peak_mb, measure_peak, reset_peak_rss, rss_fields,  # noqa: E402
+                     run_record, setup_process, time_stats, timed_rounds, torch_device, torch_peak_mb)
 
 PROCESS = setup_process(ARGS.system_malloc)  # before JAX's first computation, the same for every competitor
 if ARGS.threads:
@@ -271,6 +276,7 @@ def run_case(kind, hidden, mode, peak):
     if ARGS.impls:
         names = [n for n in names if n in ARGS.impls.split(",")]
     calls, compile_s, peak_mb, skipped = {}, {}, {}, {}
+    rss_base = reset_peak_rss() if ARGS.rss else None  # inputs built; the competitor's compile counts
     for name in names:
         if name == "torch-compile-cell":
             try:
@@ -294,7 +300,7 @@ def run_case(kind, hidden, mode, peak):
         for _ in range(ARGS.warmup):
             call()
     for name in ("torch", "torch-compile-cell"):  # one profiled step each, outside the timed rounds
-        if name in calls:
+        if name in calls and not ARGS.rss:  # the profiler's own memory is no part of the step
             peak_mb[name] = torch_peak_mb(torch, calls[name], torch_device(torch))
     load_before = os.getloadavg()
     wall, cpu = timed_rounds(calls, ARGS.repeats, clocks=(time.perf_counter, time.process_time))
@@ -317,8 +323,8 @@ def run_case(kind, hidden, mode, peak):
             "compile_s": None if compile_s[name] is None else round(compile_s[name], 3),
             "gflop_per_step": round(flops / 1e9, 4),
             "gflop_per_s": round(flops / step[name] / 1e9, 2),
-            "frac_peak": round(flops / step[name] / 1e9 / peak, 4),
-            "peak_gflop_per_s": round(peak, 1),
+            "frac_peak": round(flops / step[name] / 1e9 / peak, 4) if peak else None,
+            "peak_gflop_per_s": round(peak, 1) if peak else None,
             "peak_mb": peak_mb[name],
             "ratio_vs_torch": round(step["torch"] / step[name], 3) if "torch" in step else None,
             "torch_path": torch_path(kind) if name == "torch" else None,
@@ -329,6 +335,7 @@ def run_case(kind, hidden, mode, peak):
             "repeats": ARGS.repeats, "threads_arg": ARGS.threads or "default",
             "loadavg_1m": [round(load_before[0], 2), round(load_after[0], 2)],
             "flax": __import__("flax").__version__, **record,
+            **(rss_fields(rss_base) if ARGS.rss else {}),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -379,9 +386,12 @@ def main():
         ARGS.hidden, ARGS.repeats, ARGS.warmup = "256", 5, 1
     if ARGS.repeats < 3:
         raise SystemExit("--repeats must be at least 3 (a median of fewer rounds says little)")
-    peak = measure_peak()
-    print(json.dumps({"bench": "rnn_layers", "peak_gflop_per_s": round(peak, 1), **run_record(torch, **PROCESS)}),
-          flush=True)
+    if ARGS.rss and (not ARGS.impls or "," in ARGS.layers + ARGS.hidden + ARGS.modes):
+        raise SystemExit("--rss measures one case of the competitors in --impls: give --impls and one each of "
+                         "--layers, --hidden, --modes")
+    peak = None if ARGS.rss else measure_peak()  # its matrices would set the RSS high-water mark
+    print(json.dumps({"bench": "rnn_layers", "peak_gflop_per_s": peak and round(peak, 1),
+                      **run_record(torch, **PROCESS)}), flush=True)
     rows = []
     for kind in ARGS.layers.split(","):
         for hidden in (int(h) for h in ARGS.hidden.split(",")):
@@ -389,11 +399,12 @@ def main():
                 rows += run_case(kind, hidden, mode, peak)
     out = Path(ARGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
+    with out.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print(f"wrote {len(rows)} lines to {out}", file=sys.stderr)
-    plot(rows, out.with_suffix(".png"))
+    print(f"appended {len(rows)} lines to {out}", file=sys.stderr)
+    if not ARGS.rss:
+        plot(rows, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

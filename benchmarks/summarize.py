@@ -72,132 +72,223 @@ def provenance(rows: list[dict]) -> str:
     return "Measured on " + "; ".join(p for p in parts if p) + "."
 
 
-def best_torch(impls: dict) -> tuple[str, dict] | tuple[None, None]:
-    """The fastest PyTorch row of a case (name, row)."""
-    torch_rows = {n: r for n, r in impls.items() if n.startswith("torch")}
+# ------------------------------------------------------------------------------------- runs
+# A run is one invocation of a script (its rows share `run_id`; older rows: the `time` of their
+# record). Tables use the runs of the latest commit in each file and show, per competitor, the median
+# over runs with the min-max over runs; ratios are taken within each run, then their median is shown.
+
+PEERS = ("torch", "hf-", "nanogpt")  # row names of the PyTorch competitors
+
+
+def is_torch(impl: str) -> bool:
+    return impl.startswith(PEERS)
+
+
+def runs_by_case(rows: list[dict], case_of) -> dict:
+    """{case: {run key: {impl: row}}} over the rows of the latest commit (all rows if none records one),
+    cases and runs in file order."""
+    rows = [r for r in rows if "impl" in r]
+    commit = rows[-1].get("commit") if rows else None
+    if commit:
+        rows = [r for r in rows if r.get("commit") == commit]
+    out = defaultdict(dict)
+    for r in rows:
+        out[case_of(r)].setdefault(r.get("run_id") or r.get("time") or "file", {})[r["impl"]] = r
+    return out
+
+
+def spread(values: list[float], fmt=lambda x: f"{x:.3g}", runs: bool = True) -> str:
+    """"m (lo-hi, n runs)" over runs; one value alone."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return fmt(values[0])
+    tail = f", {len(values)} runs" if runs else ""
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))}{tail})"
+
+
+def column(runs: dict, impl: str, key: str, fmt=lambda x: f"{x:.3g}", runs_note: bool = True) -> str:
+    """`key` of `impl` over the runs of one case, as `spread` shows it ('' where it did not run)."""
+    return spread([run[impl].get(key) for run in runs.values() if impl in run], fmt, runs_note)
+
+
+def best_torch(impls: dict, key: str = "tokens_per_s", higher: bool = True) -> tuple[str, dict] | tuple[None, None]:
+    """The best PyTorch row of one run of a case (name, row): the largest `key`, or the smallest."""
+    torch_rows = {n: r for n, r in impls.items() if is_torch(n) and r.get(key) is not None}
     if not torch_rows:
         return None, None
-    name = max(torch_rows, key=lambda n: torch_rows[n]["tokens_per_s"])
+    pick = max if higher else min
+    name = pick(torch_rows, key=lambda n: torch_rows[n][key])
     return name, torch_rows[name]
 
 
+def vs_best_torch(runs: dict, impl: str, key: str = "tokens_per_s", higher: bool = True) -> tuple[str, str]:
+    """(ratio cell, best forms): `impl`'s advantage over each run's best PyTorch form (>1: ahead; for
+    `higher=False` metrics, time or memory, the peer's value over ours), median over runs with min-max."""
+    ratios, forms = [], set()
+    for run in runs.values():
+        name, best = best_torch(run, key, higher)
+        if best is None or impl not in run or run[impl].get(key) is None:
+            continue
+        mine, theirs = run[impl][key], best[key]
+        ratios.append(mine / theirs if higher else theirs / mine)
+        forms.add(name)
+    if not ratios:
+        return "", ""
+    cell = f"**{statistics.median(ratios):.2f}x**"
+    if len(ratios) > 1:
+        cell += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+    return cell, ", ".join(sorted(forms))
+
+
 def rnn_layers(prefix: str, results: Path = RESULTS) -> str:
-    rows = [r for r in load(f"{prefix}-rnn-layers.jsonl", results) if "impl" in r]
-    by_case = defaultdict(dict)
-    for r in rows:
-        by_case[(r["layer"], r["hidden"], r["mode"])][r["impl"]] = r
+    rows = load(f"{prefix}-rnn-layers.jsonl", results)
     out = []
-    for (layer, hidden, mode), impls in by_case.items():
-        j, t = impls.get("jaxseq"), impls.get("torch")
-        tname, tbest = best_torch(impls)
-        flax = {n: r for n, r in impls.items() if n.startswith("flax")}
-        best_flax = max(flax.values(), key=lambda r: r["tokens_per_s"]) if flax else None
+    for (layer, hidden, mode), runs in runs_by_case(rows, lambda r: (r["layer"], r["hidden"], r["mode"])).items():
+        last = list(runs.values())[-1]
+        flax = [n for n in last if n.startswith("flax")]
+        best_flax = max(flax, key=lambda n: statistics.median(
+            run[n]["tokens_per_s"] for run in runs.values() if n in run)) if flax else None
+        t = last.get("torch")
         path = f" ({t['torch_path']})" if t and t.get("torch_path") else ""
-        compiled = impls.get("torch-compile-cell")
+        ratio, forms = vs_best_torch(runs, "jaxseq")
+        flax_ratios = [run["jaxseq"]["tokens_per_s"] / run[best_flax]["tokens_per_s"]
+                       for run in runs.values() if best_flax in run and "jaxseq" in run]
         out.append([
-            layer, hidden, mode, k(j["tokens_per_s"]),
-            k(impls["jaxseq-fused"]["tokens_per_s"]) if "jaxseq-fused" in impls else "",
-            k(impls["jaxseq-scan"]["tokens_per_s"]),
-            f"{k(best_flax['tokens_per_s'])} ({best_flax['impl'][5:]})" if best_flax else "",
-            k(t["tokens_per_s"]) + path if t else "",
-            k(compiled["tokens_per_s"]) if compiled else "",
-            f"**{j['tokens_per_s'] / tbest['tokens_per_s']:.2f}x** ({tname})" if tbest else "",
-            f"{j['tokens_per_s'] / best_flax['tokens_per_s']:.2f}x" if best_flax else "",
-            f"{j['frac_peak']:.0%}", mb(j, t),
+            layer, hidden, mode, len(runs), column(runs, "jaxseq", "tokens_per_s", k, False),
+            column(runs, "jaxseq-fused", "tokens_per_s", k, False), column(runs, "jaxseq-scan", "tokens_per_s", k, False),
+            f"{column(runs, best_flax, 'tokens_per_s', k, False)} ({best_flax[5:]})" if best_flax else "",
+            column(runs, "torch", "tokens_per_s", k, False) + path,
+            column(runs, "torch-compile-cell", "tokens_per_s", k, False),
+            f"{ratio} ({forms})" if ratio else "", spread(flax_ratios, lambda x: f"{x:.2f}x", False),
+            mb(last.get("jaxseq"), t),
         ])
-    header = ["layer", "hidden", "mode", "jaxseq", "jaxseq XLA path", "jaxseq plain scan", "best Flax",
-              "PyTorch nn module (path)", "PyTorch compiled cell loop", "jaxseq / best PyTorch",
-              "jaxseq / best Flax", "jaxseq % of peak", "peak MiB, jaxseq / PyTorch"]
+    header = ["layer", "hidden", "mode", "runs", "jaxseq tokens/s", "jaxseq XLA path", "jaxseq plain scan",
+              "best Flax", "PyTorch nn module (path)", "PyTorch compiled cell loop", "jaxseq / best PyTorch",
+              "jaxseq / best Flax", "peak MiB, jaxseq / PyTorch"]
     return table(header, out)
 
 
 def attention(prefix: str, suffix: str = "", results: Path = RESULTS) -> str:
-    rows = [r for r in load(f"{prefix}-attention{suffix}.jsonl", results) if "impl" in r]
-    by_len = defaultdict(dict)
-    for r in rows:
-        by_len[r["length"]][r["impl"]] = r
+    rows = load(f"{prefix}-attention{suffix}.jsonl", results)
     out = []
-    for length in sorted(by_len):
-        impls = by_len[length]
+    for length, runs in sorted(runs_by_case(rows, lambda r: r["length"]).items()):
+        last = list(runs.values())[-1]
         # jaxseq's entry point: the native kernel on CPU, cuDNN on a GPU when eligible (files from
         # before the entry point had a row: the JAX flash path).
-        f = impls.get("jaxseq-attention") or impls.get("jaxseq-flash")
-        jf = impls.get("jaxseq-flash") if f is impls.get("jaxseq-attention") else None
-        t, x = impls.get("torch-sdpa"), impls.get("jax-xla")
-        err = f.get("max_abs_err_vs_torch")
-        out.append([length, k(f["tokens_per_s"]), k(jf["tokens_per_s"]) if jf else "not run",
-                    k(x["tokens_per_s"]) if x else "not run",
-                    k(t["tokens_per_s"]) if t else "not run",
-                    f"**{f['tokens_per_s'] / t['tokens_per_s']:.2f}x**" if t else "",
-                    "" if err is None else f"{err:.1e}", mb(f, t)])
-    header = ["length", "jaxseq.attention (native kernel on CPU)", "jaxseq.flash_attention (JAX)",
-              "jax.nn.dot_product_attention (XLA)", "PyTorch SDPA",
-              "jaxseq / PyTorch", "max abs err vs torch", "peak MiB, jaxseq / PyTorch"]
+        main = "jaxseq-attention" if "jaxseq-attention" in last else "jaxseq-flash"
+        flash = "jaxseq-flash" if main == "jaxseq-attention" else None
+        ratio, forms = vs_best_torch(runs, main)
+        err = last[main].get("max_abs_err_vs_torch")
+
+        def col(impl):
+            return column(runs, impl, "tokens_per_s", k, False) or "not run" if impl else "not run"
+
+        out.append([length, len(runs), col(main), col(flash), col("jax-xla"), col("torch-sdpa"),
+                    col("torch-sdpa-compile"), f"{ratio} ({forms})" if ratio else "",
+                    "" if err is None else f"{err:.1e}", mb(last[main], last.get("torch-sdpa"))])
+    header = ["length", "runs", "jaxseq.attention", "jaxseq.flash_attention (JAX)",
+              "jax.nn.dot_product_attention (XLA)", "PyTorch SDPA", "PyTorch SDPA, torch.compile",
+              "jaxseq / best PyTorch", "max abs err vs torch", "peak MiB, jaxseq / PyTorch"]
     return table(header, out)
 
 
 def linear_scan(prefix: str, results: Path = RESULTS) -> str:
     rows = [r for r in load(f"{prefix}-linear-scan.jsonl", results) if r.get("bench") == "linear_scan"]
-    by_len = defaultdict(dict)
-    for r in rows:
-        by_len[r["length"]][r["model"] if r["model"] == "lstm" else f"{r['model']}-{r['form']}"] = r
+    rows = [{**r, "impl": r["model"] if r["model"] == "lstm" else f"{r['model']}-{r['form']}"} for r in rows]
     names = ["lstm", "mingru-parallel", "mingru-sequential", "minlstm-parallel", "minlstm-sequential",
              "lru-parallel", "lru-sequential"]
     out = []
-    for length in sorted(by_len):
-        impls = by_len[length]
-        out.append([length] + [k(impls[n]["tokens_per_s"]) if n in impls else "" for n in names])
+    for length, runs in sorted(runs_by_case(rows, lambda r: r["length"]).items()):
+        out.append([length] + [column(runs, n, "tokens_per_s", k, False) for n in names])
     return table(["length"] + names, out)
 
 
-def gpt_runs(rows: list[dict]) -> dict[str, list[dict]]:
-    """{config label: [run, ...]}, each run {impl: row}, in file order. A run is one invocation of
-    gpt_step.py: its rows share the `time` of their record (older rows have none: a run ends where an
-    impl repeats)."""
-    runs = defaultdict(list)
-    for r in rows:
-        c = r["config"]
-        label = f"{c['layers']}L d{c['d_model']} ctx{c['context']} b{c['batch']}"
-        last = runs[label][-1] if runs[label] else None
-        same = last is not None and r["impl"] not in last and next(iter(last.values())).get("time") == r.get("time")
-        if not same:
-            runs[label].append({})
-        runs[label][-1][r["impl"]] = r
-    return runs
+def per_impl_table(cases: dict, columns: list[tuple[str, callable]], key: str = "tokens_per_s",
+                   higher: bool = True) -> list[list]:
+    """One line per (case, impl): the case label, the impl, then each `columns` cell(runs, impl), then
+    the ratio to each run's best PyTorch form and which forms those were."""
+    out = []
+    for label, runs in cases.items():
+        impls = list(dict.fromkeys(n for run in runs.values() for n in run))
+        for impl in impls:
+            ratio, forms = vs_best_torch(runs, impl, key, higher)
+            out.append([label, impl] + [cell(runs, impl) for _, cell in columns] + [ratio, forms])
+    return out
 
 
 def gpt_step(prefix: str, results: Path = RESULTS) -> str:
-    """One row per (config, impl) over the config's runs of the latest commit (rows without a commit:
-    the last run alone): the median over runs of tokens/s and of the ratio to each run's fastest
-    PyTorch form, with the min-max over runs when there are several (run gpt_step.py 3 times with the
-    same --out for a sceptic's table), else the run's median step with its min-max over rounds."""
-    rows = [r for r in load(f"{prefix}-gpt-step.jsonl", results) if "impl" in r]
-    out = []
-    for config, runs in gpt_runs(rows).items():
-        commit = next(iter(runs[-1].values())).get("commit")
-        if commit:
-            runs = [run for run in runs if next(iter(run.values())).get("commit") == commit]
-        else:
-            runs = runs[-1:]
-        for name in runs[-1]:
-            per_run = [run for run in runs if name in run]
-            toks = [run[name]["tokens_per_s"] for run in per_run]
-            ratios = []
-            for run in per_run:
-                tname, tbest = best_torch(run)
-                if tbest:
-                    ratios.append((run[name]["tokens_per_s"] / tbest["tokens_per_s"], tname))
-            r = runs[-1][name]
-            if len(per_run) > 1:
-                spread = f"{k(statistics.median(toks))} ({k(min(toks))}-{k(max(toks))}, {len(toks)} runs)"
-                step = f"{statistics.median(x['step_ms'] for x in (run[name] for run in per_run)):.4g}"
-            else:
-                spread, step = k(toks[0]), ms(r)
-            ratio = f"**{statistics.median(x for x, _ in ratios):.2f}x**" if ratios else ""
-            forms = ", ".join(sorted({t for _, t in ratios}))
-            out.append([config, name, spread, step, r["compile_or_first_step_s"], f"{r['mfu']:.0%}", ratio, forms, mb(r)])
-    return table(["config", "impl", "tokens/s", "step ms", "compile / first step s",
-                  "% of matmul peak", "vs best PyTorch", "best PyTorch form", "peak MiB"], out)
+    """One row per (config, impl) over the config's runs of the latest commit: the median over runs of
+    tokens/s and of the ratio to each run's fastest PyTorch form, with the min-max over runs when there
+    are several (run gpt_step.py 3 times with the same --out), else the run's median step with its
+    min-max over rounds."""
+    rows = load(f"{prefix}-gpt-step.jsonl", results)
+
+    def label(r):
+        c = r["config"]
+        return f"{c['layers']}L d{c['d_model']} ctx{c['context']} b{c['batch']}"
+
+    def step(runs, impl):
+        per_run = [run[impl] for run in runs.values() if impl in run]
+        return f"{statistics.median(r['step_ms'] for r in per_run):.4g}" if len(per_run) > 1 else ms(per_run[0])
+
+    def last(runs, impl, key, fmt):
+        r = [run[impl] for run in runs.values() if impl in run][-1]
+        return fmt(r[key]) if r.get(key) is not None else ""
+
+    columns = [("tokens/s", lambda runs, i: column(runs, i, "tokens_per_s", k)), ("step ms", step),
+               ("compile / first step s", lambda runs, i: last(runs, i, "compile_or_first_step_s", str)),
+               ("% of matmul peak", lambda runs, i: last(runs, i, "mfu", lambda x: f"{x:.0%}")),
+               ("peak MiB", lambda runs, i: mb([run[i] for run in runs.values() if i in run][-1]))]
+    out = per_impl_table(runs_by_case(rows, label), columns)
+    out = [line[:6] + line[7:] + [line[6]] for line in out]  # peak MiB last, as before
+    return table(["config", "impl"] + [c for c, _ in columns[:4]] + ["vs best PyTorch", "best PyTorch form", "peak MiB"], out)
+
+
+def generation(prefix: str, results: Path = RESULTS) -> str:
+    """Tokens/s of each generation call (sampling at batch 1 and 16, beam search), per competitor."""
+    rows = load(f"{prefix}-generation.jsonl", results)
+
+    def label(r):
+        what = f"beam {r.get('beam')}" if r["mode"] == "beam" else "sampling"
+        return f"{r['model'].upper()} {what}, batch {r['batch']}"
+
+    columns = [("tokens/s", lambda runs, i: column(runs, i, "tokens_per_s", k)),
+               ("ms / token", lambda runs, i: column(runs, i, "ms_per_token", lambda x: f"{x:.3g}", False)),
+               ("compile / first call s", lambda runs, i: column(runs, i, "compile_or_first_s", lambda x: f"{x:.3g}", False))]
+    out = per_impl_table(runs_by_case(rows, label), columns)
+    return table(["case", "impl"] + [c for c, _ in columns] + ["vs best PyTorch", "best PyTorch form"], out)
+
+
+def memory(prefix: str, results: Path = RESULTS) -> str:
+    """Peak RSS of each competitor alone in a fresh process (memory.py)."""
+    rows = load(f"{prefix}-memory.jsonl", results)
+    columns = [("peak RSS MiB", lambda runs, i: column(runs, i, "rss_peak_mb", lambda x: f"{x:.0f}")),
+               ("of which before the first call", lambda runs, i: column(runs, i, "rss_base_mb", lambda x: f"{x:.0f}", False)),
+               ("growth MiB", lambda runs, i: column(runs, i, "rss_growth_mb", lambda x: f"{x:.0f}", False))]
+    out = per_impl_table(runs_by_case(rows, lambda r: r["case"]), columns, key="rss_peak_mb", higher=False)
+    return table(["case", "impl"] + [c for c, _ in columns] + ["best PyTorch peak / ours", "best PyTorch form"], out)
+
+
+def time_to_quality(prefix: str, results: Path = RESULTS) -> str:
+    """Wall time from launch to the first evaluation at or below the target validation loss."""
+    rows = load(f"{prefix}-time-to-quality.jsonl", results)
+
+    def label(r):
+        return f"{r['model']}, val loss <= {r['target']}"
+
+    def secs(x):
+        return f"{x:.0f}"
+
+    columns = [("time to target s", lambda runs, i: column(runs, i, "time_to_target_s", secs)),
+               ("step at target", lambda runs, i: column(runs, i, "step_at_target", lambda x: f"{x:.0f}", False)),
+               ("final val loss", lambda runs, i: column(runs, i, "final_val_loss", lambda x: f"{x:.3f}", False)),
+               ("steps / s", lambda runs, i: column(runs, i, "steps_per_s", lambda x: f"{x:.2f}", False)),
+               ("total wall s", lambda runs, i: column(runs, i, "wall_s", secs, False)),
+               ("peak RSS MiB", lambda runs, i: column(runs, i, "rss_peak_mb", secs, False))]
+    out = per_impl_table(runs_by_case(rows, label), columns, key="time_to_target_s", higher=False)
+    return table(["case", "impl"] + [c for c, _ in columns] + ["best PyTorch time / ours", "best PyTorch form"], out)
 
 
 SECTIONS = [("LSTM / GRU layers", "rnn-layers", rnn_layers),
@@ -205,7 +296,10 @@ SECTIONS = [("LSTM / GRU layers", "rnn-layers", rnn_layers),
             ("causal attention, bfloat16", "attention-bf16", lambda p, r: attention(p, "-bf16", r)),
             ("causal attention (1 core)", "attention-1thread", lambda p, r: attention(p, "-1thread", r)),
             ("linear recurrences, training tokens/s", "linear-scan", linear_scan),
-            ("GPT train step", "gpt-step", gpt_step)]
+            ("GPT train step", "gpt-step", gpt_step),
+            ("generation", "generation", generation),
+            ("peak resident memory (RSS), each competitor alone in a fresh process", "memory", memory),
+            ("time to quality, tinyshakespeare", "time-to-quality", time_to_quality)]
 
 
 def render(prefix: str = "cpu", results: Path = RESULTS) -> str:

@@ -145,12 +145,39 @@ def test_summarize_gpt_table_compares_with_the_fastest_pytorch_form_over_the_lat
     assert set(rows) == {"jaxseq", "flax-gpt", "torch-eager", "torch-compile"}
     # medians over the 3 runs: tokens/s 1000 (900-1100); ratio to each run's fastest PyTorch form 0.90x
     assert "| 1.0k (0.9k-1.1k, 3 runs) |" in rows["jaxseq"]
-    assert "**0.90x** | torch-compile, torch-eager |" in rows["jaxseq"]
+    assert "**0.90x** (0.80-1.10) | torch-compile, torch-eager |" in rows["jaxseq"]
 
     _write_jsonl(tmp_path / "cpu-gpt-step.jsonl", older + runs[:4])  # one run: its rounds' min-max
     rows = {line.split(" | ")[1]: line for line in summarize.gpt_step("cpu", tmp_path).splitlines()[2:]}
     assert "| 1.0k | 32 (1-9) |" in rows["jaxseq"] and "**0.80x** | torch-compile |" in rows["jaxseq"]
     assert "**0.64x**" in rows["torch-eager"] and "**1.00x**" in rows["torch-compile"]
+
+
+def test_summarize_lower_is_better_tables_compare_with_the_leanest_or_fastest_pytorch_form(tmp_path):
+    import summarize
+
+    def mem(run, impl, peak):
+        return dict(bench="memory", case="GPT step", impl=impl, rss_peak_mb=peak, rss_base_mb=400.0,
+                    rss_growth_mb=peak - 400.0, run_id=run, commit="abc")
+
+    _write_jsonl(tmp_path / "cpu-memory.jsonl", [
+        mem("r1", "jaxseq", 600.0), mem("r1", "torch-eager", 500.0), mem("r1", "torch-compile", 800.0),
+        mem("r2", "jaxseq", 500.0), mem("r2", "torch-eager", 550.0), mem("r2", "torch-compile", 450.0)])
+    rows = {line.split(" | ")[1]: line for line in summarize.memory("cpu", tmp_path).splitlines()[2:]}
+    # per run: 500/600 = 0.83 (eager the leanest), 450/500 = 0.90 (compile): median 0.87
+    assert "| 550 (500-600, 2 runs) |" in rows["jaxseq"]
+    assert "**0.87x** (0.83-0.90) | torch-compile, torch-eager |" in rows["jaxseq"]
+
+    def ttq(run, impl, seconds, reached=True):
+        return dict(bench="time_to_quality", model="transformer", target=1.88, impl=impl, run_id=run, commit="abc",
+                    time_to_target_s=seconds if reached else None, final_val_loss=1.8, steps=2000, wall_s=300.0,
+                    steps_per_s=7.0, step_at_target=1750, rss_peak_mb=900.0)
+
+    _write_jsonl(tmp_path / "cpu-time-to-quality.jsonl", [
+        ttq("r1", "jaxseq", 100.0), ttq("r1", "nanogpt", 150.0), ttq("r1", "nanogpt-compile", 0, reached=False)])
+    rows = {line.split(" | ")[1]: line for line in summarize.time_to_quality("cpu", tmp_path).splitlines()[2:]}
+    assert "**1.50x** | nanogpt |" in rows["jaxseq"]  # a form that never reached the target is no peer
+    assert rows["nanogpt-compile"].split(" | ")[2] == ""
 
 
 def test_summarize_write_rewrites_only_the_marked_section(tmp_path):
