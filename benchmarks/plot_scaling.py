@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of the file's latest commit (the results files collect runs of several commits)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    commit = rows[-1].get("commit") if rows else None
+    return [r for r in rows if r.get("commit") == commit] if commit else rows
 
 
 def series(recurrent_rows: list[dict], attention_rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{label: [(T, microseconds per token), ...]} sorted by T."""
+    """{label: [(T, microseconds per token), ...]} sorted by T; the median over runs at each T."""
     out: dict[str, list[tuple[int, float]]] = {}
     for r in recurrent_rows:
         if r.get("bench") != "linear_scan":
@@ -33,11 +37,15 @@ def series(recurrent_rows: list[dict], attention_rows: list[dict]) -> dict[str, 
         out.setdefault(label, []).append((r["length"], 1e6 / r["tokens_per_s"]))
     names = {"jaxseq-attention": "attention: jaxseq (native kernel on CPU)", "jaxseq-flash": "attention: jaxseq flash (JAX)",
              "jax-xla": "attention: jax.nn (XLA)",
-             "torch-sdpa": "attention: PyTorch SDPA"}
+             "torch-sdpa": "attention: PyTorch SDPA", "torch-sdpa-compile": "attention: PyTorch SDPA, torch.compile"}
     for r in attention_rows:
         if r.get("impl") in names:
             out.setdefault(names[r["impl"]], []).append((r["length"], 1e6 / r["tokens_per_s"]))
-    return {k: sorted(v) for k, v in out.items()}
+    by_length = {k: {} for k in out}
+    for k, points in out.items():
+        for length, us in points:
+            by_length[k].setdefault(length, []).append(us)
+    return {k: sorted((t, statistics.median(v)) for t, v in pts.items()) for k, pts in by_length.items()}
 
 
 def main(argv=None):
