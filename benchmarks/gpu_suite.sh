@@ -6,7 +6,8 @@
 #   2. causal attention, bfloat16, length 256..4096: jaxseq (cuDNN) vs PyTorch SDPA on CUDA;
 #   3. LSTM layers, hidden 64/256/512: jaxseq (cuDNN dispatch), jaxseq's own fused path,
 #      jax.experimental.rnn, Flax, PyTorch nn.LSTM (cuDNN);
-#   4. the GPT step at the Transformer issue's size (4 layers, d 256, context 256), float32.
+#   4. the GPT step at the Transformer issue's size (4 layers, d 256, context 256), float32;
+#   5. GPT-2 small in bfloat16 again, against torch.compile (whatever budget is left).
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh            # on the GPU machine; results go under OUT
 #   GPU_SUITE_SMOKE=1 OUT=/tmp/x bash benchmarks/gpu_suite.sh   # tiny sizes, any backend: checks the plumbing
@@ -61,16 +62,19 @@ else
   rnn=(--layers lstm --hidden 64,256,512 --repeats 7)
 fi
 
-# torch.compile's first call (inductor builds its kernels: a minute or more) does not fit the GPT stages'
-# caps, so they run every competitor but that one; the CPU tables carry the torch.compile rows.
+# torch.compile's first call (inductor builds its kernels: a minute or more) would eat the first GPT
+# stages' caps, so they run every competitor but that one, and the last stage runs it against jaxseq
+# and the fused-AdamW eager form with the budget that is left (its rows name their run's best form).
 gpt_impls=(--impls jaxseq,jaxseq-model-hand-step,flax-gpt,torch-eager,torch-eager-fused-adamw)
+compile_impls=(--impls jaxseq,torch-eager-fused-adamw,torch-compile)
 
 stage tests 180 $PY -m pytest -m gpu -q -rs -s tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 stage gpt2-small-bf16 200 $PY benchmarks/gpt_step.py "${gpt_big[@]}" "${gpt_impls[@]}" --compute-dtype bfloat16 --out "$OUT/gpu-gpt-step.jsonl"
-stage attention-bf16 110 $PY benchmarks/attention_scaling.py "${attn[@]}" --dtype bfloat16 --out "$WORK/gpu-attention-bf16.jsonl"
+stage attention-bf16 110 $PY benchmarks/attention_scaling.py "${attn[@]}" --dtype bfloat16 --no-torch-compile --out "$WORK/gpu-attention-bf16.jsonl"
 cp "$WORK"/gpu-attention-bf16.jsonl "$OUT"/ 2>/dev/null
 stage rnn-layers 130 $PY benchmarks/rnn_layers.py "${rnn[@]}" --out "$WORK/gpu-rnn-layers.jsonl"
 cp "$WORK"/gpu-rnn-layers.jsonl "$OUT"/ 2>/dev/null
 [[ $SMOKE == 1 ]] || stage gpt-4L-d256-f32 60 $PY benchmarks/gpt_step.py "${gpt_small[@]}" "${gpt_impls[@]}" --out "$OUT/gpu-gpt-step.jsonl"
+stage gpt2-small-bf16-torch-compile 300 $PY benchmarks/gpt_step.py "${gpt_big[@]}" "${compile_impls[@]}" --compute-dtype bfloat16 --out "$OUT/gpu-gpt-step-compile.jsonl"
 rm -rf "$WORK"
 echo "== done after ${SECONDS}s; files: $(ls "$OUT" | tr '\n' ' ')"

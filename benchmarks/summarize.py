@@ -2,11 +2,12 @@
 
     python benchmarks/summarize.py                # all tables, printed
     python benchmarks/summarize.py --prefix cpu   # the files of one device prefix
-    python benchmarks/summarize.py --write        # rewrite benchmarks/README.md's generated section
+    python benchmarks/summarize.py --write        # rewrite the READMEs' generated sections
 
-`--write` replaces what lies between the `<!-- tables:begin -->` and `<!-- tables:end -->` lines of the
-README (`--readme` for another file) and leaves the rest alone; without both markers it changes
-nothing and says so. Each table names where and when its rows were measured (device, AVX-512, commit,
+`--write` replaces what lies between the `<!-- tables:begin -->` and `<!-- tables:end -->` lines of
+benchmarks/README.md (`--readme` for another file) and leaves the rest alone; without both markers it
+changes nothing and says so. It also rewrites the Results table of the repository's README between its
+`<!-- results:begin -->` and `<!-- results:end -->` lines. Each table names where and when its rows were measured (device, AVX-512, commit,
 load average) when the rows record it (`_common.run_record`).
 """
 
@@ -21,7 +22,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
+ROOT_README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"  # the root README's "Results"
 
 
 def load(name: str, results: Path = RESULTS) -> list[dict]:
@@ -291,12 +294,53 @@ def time_to_quality(prefix: str, results: Path = RESULTS) -> str:
     return table(["case", "impl"] + [c for c, _ in columns] + ["best PyTorch time / ours", "best PyTorch form"], out)
 
 
+def sharding(prefix: str, results: Path = RESULTS) -> str:
+    """`jaxseq train`'s step on 1 and 8 (fake) devices: tokens/s per model, mesh and dtype."""
+    rows = [r for r in load(f"{prefix}-sharding.jsonl", results) if r.get("bench") == "sharded_step"]
+    cols = {}
+    for r in rows:
+        col = (f"{r['devices']} device{'s' if r['devices'] > 1 else ''}"
+               + (f", {'FSDP' if r['mesh'] == 'fsdp' else 'data parallel'}" if r["devices"] > 1 else "")
+               + (", bf16 compute" if r["compute_dtype"] == "bfloat16" else ""))
+        cols.setdefault(col, {})[r["model"]] = r
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    out = [[m] + [k(cols[c][m]["tokens_per_s"]) if m in cols[c] else "" for c in cols] for m in models]
+    return table(["model"] + list(cols), out)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def compare(prefix: str, results: Path = RESULTS) -> str:
+    """The lecture's comparison (experiments/compare_models.py) and, beside it, the Transformer of the
+    time-to-quality runs (nanoGPT's small CPU configuration): validation loss and wall time."""
+    names = {"ngram": "n-gram", "additive": "additive (mean of the context's embeddings)", "rnn": "Elman RNN",
+             "lstm": "LSTM", "gru": "GRU", "transformer": "Transformer"}
+    out = []
+    for r in load(f"{prefix}-compare-tinyshakespeare.jsonl", results):
+        out.append([names.get(r["model"], r["model"]) + ", `jaxseq train` defaults", f"{r['val_loss']:.3f}",
+                    minutes(r["wall_s"]), r.get("steps", "")])
+    ttq = runs_by_case([r for r in load(f"{prefix}-time-to-quality.jsonl", results) if r.get("impl") == "jaxseq"],
+                       lambda r: r["model"])
+    for model, runs in ttq.items():
+        if model != "transformer":
+            continue
+        last = list(runs.values())[-1]
+        c = last.get("config", {})
+        out.append([f"Transformer, nanoGPT's small CPU config ({c.get('n_layer', 4)} x {c.get('n_embd', 128)}, "
+                    f"context {c.get('block_size', 64)})", column(runs, "jaxseq", "final_val_loss", lambda x: f"{x:.3f}"),
+                    column(runs, "jaxseq", "wall_s", minutes), last.get("steps", "")])
+    return table(["model", "val nats/char", "wall", "steps"], out)
+
+
 SECTIONS = [("LSTM / GRU layers", "rnn-layers", rnn_layers),
             ("causal attention", "attention", lambda p, r: attention(p, "", r)),
             ("causal attention, bfloat16", "attention-bf16", lambda p, r: attention(p, "-bf16", r)),
             ("causal attention (1 core)", "attention-1thread", lambda p, r: attention(p, "-1thread", r)),
             ("linear recurrences, training tokens/s", "linear-scan", linear_scan),
             ("GPT train step", "gpt-step", gpt_step),
+            ("sharded train step, tokens/s", "sharding", sharding),
             ("generation", "generation", generation),
             ("peak resident memory (RSS), each competitor alone in a fresh process", "memory", memory),
             ("time to quality, tinyshakespeare", "time-to-quality", time_to_quality)]
@@ -313,16 +357,16 @@ def render(prefix: str = "cpu", results: Path = RESULTS) -> str:
     return "\n".join(parts)
 
 
-def write_section(readme: Path, text: str) -> None:
-    """Replace the lines between the README's BEGIN and END markers with `text` (markers kept)."""
+def write_section(readme: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the lines between the README's `begin` and `end` markers with `text` (markers kept)."""
     doc = Path(readme).read_text()
-    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
-        raise SystemExit(f"{readme}: needs exactly one '{BEGIN}' line before one '{END}' line around the generated "
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        raise SystemExit(f"{readme}: needs exactly one '{begin}' line before one '{end}' line around the generated "
                          "tables; add them where the tables belong and run again")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
     note = "<!-- generated by `python benchmarks/summarize.py --write` from results/: edit the generator, not this -->"
-    Path(readme).write_text(f"{head}{BEGIN}\n{note}\n\n{text.strip()}\n\n{END}{tail}")
+    Path(readme).write_text(f"{head}{begin}\n{note}\n\n{text.strip()}\n\n{end}{tail}")
 
 
 def main(argv=None):
@@ -331,13 +375,21 @@ def main(argv=None):
     ap.add_argument("--results", type=Path, default=RESULTS, help="the directory of the .jsonl files")
     ap.add_argument("--write", action="store_true", help="rewrite the README's section between the markers")
     ap.add_argument("--readme", type=Path, default=README, help="the file --write rewrites")
+    ap.add_argument("--root-readme", type=Path, default=None,
+                    help="the file whose 'Results' section --write rewrites, between its results markers (default: "
+                         "the repository's README when --readme is the default)")
     args = ap.parse_args(argv)
     text = render(args.prefix, args.results)
+    results_text = compare(args.prefix, args.results)
     if args.write:
         write_section(args.readme, text)
         print(f"wrote the tables into {args.readme}", file=sys.stderr)
+        root = args.root_readme or (ROOT_README if args.readme == README else None)
+        if root is not None and root.exists() and RESULTS_BEGIN in root.read_text():
+            write_section(root, results_text, RESULTS_BEGIN, RESULTS_END)
+            print(f"wrote the results table into {root}", file=sys.stderr)
     else:
-        print(text)
+        print(text + "\n#### README.md, Results\n\n" + results_text)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
                           timeout=600)
     log = (tmp_path / "suite.log").read_text()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for stage in ("tests", "gpt2-small-bf16", "attention-bf16", "rnn-layers"):
+    for stage in ("tests", "gpt2-small-bf16", "attention-bf16", "rnn-layers", "gpt2-small-bf16-torch-compile"):
         assert f"== {stage}: exit 0" in log, (stage, log[-3000:])
     assert "== done" in log
     assert {"jaxseq", "jaxseq-model-hand-step", "flax-gpt", "torch-eager", "torch-eager-fused-adamw"} <= _impls(
         tmp_path / "gpu-gpt-step.jsonl")
+    assert {"jaxseq", "torch-eager-fused-adamw"} <= _impls(tmp_path / "gpu-gpt-step-compile.jsonl")
     assert {"jaxseq-flash", "jax-xla", "torch-sdpa"} <= _impls(tmp_path / "gpu-attention-bf16.jsonl")
     assert {"jaxseq", "jaxseq-scan", "torch"} <= _impls(tmp_path / "gpu-rnn-layers.jsonl")
     tests_log = (tmp_path / "tests.log").read_text()  # tests/test_gpu.py imported and collected, then skipped
