@@ -45,8 +45,8 @@ What each reports and how it is read:
     of 12 windows each time, so its curve is noisier and its first crossing of the target can come an
     evaluation early or late by chance (`--repeats` shows the spread); it also estimates the training loss
     on 20 more batches at every evaluation, which doubles its evaluation cost (`eval_s` reports each
-    one's total). Both split at int(0.9 n) with the
-    same 65-character vocabulary; the driver checks nanoGPT's train.bin / val.bin against jaxseq's ids.
+    one's total). Both split at int(0.9 n) with the same 65-character vocabulary; the driver checks
+    nanoGPT's train.bin / val.bin against jaxseq's ids.
   * The models differ as the two libraries build them: nanoGPT (train.py's default bias=False) has no
     biases in its Linear and LayerNorm layers and uses the exact (erf) GELU; jaxseq's TransformerLM has
     biases and the tanh GELU (GPT-2's): 809,856 parameters against nanoGPT's 804,096. Both tie the
@@ -60,7 +60,7 @@ What each reports and how it is read:
     per run), as jaxseq keeps no persistent XLA cache: every row pays its compile.
   * Process settings: every child runs under the same malloc settings (`--malloc`): "keep-freed" (the
     default, `jaxseq.malloc.keep_freed_memory`, which `jaxseq train` applies itself; the PyTorch scripts
-    get it from a two-line prelude that runs them with runpy) or "system" (glibc's defaults for all:
+    get it from a short prelude that runs them with runpy) or "system" (glibc's defaults for all:
     JAXSEQ_MALLOC=system). Threads: each library's default (all cores); the same environment for all.
 
 Each JSON line (one per run, appended to --out as soon as it ends): bench "time_to_quality", model,
@@ -71,7 +71,7 @@ first_step_s (process start to the first finished step: imports, data, build, co
 val_curve [[step, wall_s, val_loss], ...], rss_peak_mb (the child's peak resident memory: ru_maxrss from
 wait4, the largest of it and its own waited-for children, e.g. inductor's compile workers; a small
 launcher starts each child, so that the driver's own memory is not inherited as a high-water mark; its
-~30 ms of Python start-up is inside every row's times alike), n_params, config
+Python start-up (about 20 ms) is inside every row's times alike), n_params, config
 (the race's settings, `argv`, `malloc`), returncode, `error` (a failed run's last lines), and the machine
 record of `_common.run_record` (taken as the run starts). After each repeat, one line per model with
 bench "time_to_quality_summary": every impl's time_to_target_s, final_val_loss and wall_s, `best_torch`
