@@ -71,7 +71,7 @@ first_step_s (process start to the first finished step: imports, data, build, co
 val_curve [[step, wall_s, val_loss], ...], rss_peak_mb (the child's peak resident memory: ru_maxrss from
 wait4, the largest of it and its own waited-for children, e.g. inductor's compile workers; a small
 launcher starts each child, so that the driver's own memory is not inherited as a high-water mark; its
-Python start-up (about 20 ms) is inside every row's times alike), n_params, config
+start-up (`python -S`, a fraction of a second) is inside every row's times alike), n_params, config
 (the race's settings, `argv`, `malloc`), returncode, `error` (a failed run's last lines), and the machine
 record of `_common.run_record` (taken as the run starts). After each repeat, one line per model with
 bench "time_to_quality_summary": every impl's time_to_target_s, final_val_loss and wall_s, `best_torch`
@@ -424,7 +424,7 @@ def run_child(argv: list[str], cwd: Path, env: dict, log_path: Path, metrics: Pa
     rss_file = log_path.with_suffix(".maxrss")
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(rss_file), *argv], cwd=cwd, env=env,
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *argv], cwd=cwd, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         done = threading.Event()
         tail = threading.Thread(target=_tail_metrics, args=(metrics, run, t0, done)) if metrics else None
