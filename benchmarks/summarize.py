@@ -96,7 +96,8 @@ def runs_by_case(rows: list[dict], case_of) -> dict:
         rows = [r for r in rows if r.get("commit") == commit]
     out = defaultdict(dict)
     for r in rows:
-        out[case_of(r)].setdefault(r.get("run_id") or r.get("time") or "file", {})[r["impl"]] = r
+        run = (r.get("run_id") or r.get("time") or "file", r.get("repeat"))  # a driver may repeat within one run id
+        out[case_of(r)].setdefault(run, {})[r["impl"]] = r
     return out
 
 
@@ -276,7 +277,7 @@ def memory(prefix: str, results: Path = RESULTS) -> str:
 
 def time_to_quality(prefix: str, results: Path = RESULTS) -> str:
     """Wall time from launch to the first evaluation at or below the target validation loss."""
-    rows = load(f"{prefix}-time-to-quality.jsonl", results)
+    rows = [r for r in load(f"{prefix}-time-to-quality.jsonl", results) if r.get("bench") == "time_to_quality"]
 
     def label(r):
         return f"{r['model']}, val loss <= {r['target']}"
@@ -328,8 +329,8 @@ def compare(prefix: str, results: Path = RESULTS) -> str:
             continue
         last = list(runs.values())[-1]
         c = last.get("config", {})
-        out.append([f"Transformer, nanoGPT's small CPU config ({c.get('n_layer', 4)} x {c.get('n_embd', 128)}, "
-                    f"context {c.get('block_size', 64)})", column(runs, "jaxseq", "final_val_loss", lambda x: f"{x:.3f}"),
+        out.append([f"Transformer, nanoGPT's small CPU config ({c.get('layers')} x {c.get('d_model')}, "
+                    f"context {c.get('context')}, batch {c.get('batch')})", column(runs, "jaxseq", "final_val_loss", lambda x: f"{x:.3f}"),
                     column(runs, "jaxseq", "wall_s", minutes), last.get("steps", "")])
     return table(["model", "val nats/char", "wall", "steps"], out)
 
