@@ -47,13 +47,16 @@ def cpu_flags() -> dict:
 
 
 def git_commit() -> str | None:
-    """The repository's HEAD commit, with "+dirty" when tracked files differ from it; None outside git."""
+    """The repository's HEAD commit, with "+dirty" when tracked files other than the results differ from it;
+    None outside git."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # results files change as runs append to them; they are not the code being measured
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

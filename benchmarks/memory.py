@@ -44,9 +44,9 @@ CASES = [
     ("gpt_step.py", "GPT step d128 ctx64 b12", [], GPT_IMPLS),
     ("gpt_step.py", "GPT step d256 ctx256 b16", ["--d-model", "256", "--context", "256", "--batch", "16"], GPT_IMPLS),
     ("generation.py", "LSTM sampling, batch 16", ["--models", "lstm", "--modes", "sample", "--batches", "16"],
-     ["jaxseq", "torch-eager", "torch-compile"]),
+     ["jaxseq", "torch-eager", "torch-eager-cell", "torch-compile"]),
     ("generation.py", "GPT sampling, batch 16", ["--models", "gpt", "--modes", "sample", "--batches", "16"],
-     ["jaxseq", "hf-generate", "nanogpt-nocache"]),
+     ["jaxseq", "hf-generate", "hf-generate-compile", "nanogpt-nocache"]),
 ]
 
 
