@@ -41,7 +41,8 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def k(x: float) -> str:
-    return f"{x / 1000:.1f}k"
+    """Thousands with one decimal ("45.1k"); below a thousand, whole numbers ("240")."""
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
 
 
 def mb(*rows) -> str:
@@ -275,24 +276,47 @@ def memory(prefix: str, results: Path = RESULTS) -> str:
     return table(["case", "impl"] + [c for c, _ in columns] + ["best PyTorch peak / ours", "best PyTorch form"], out)
 
 
+def with_common_target(runs: dict) -> dict:
+    """Each run's rows with `common_loss` (the lowest validation loss every competitor of the run
+    reached: the largest of their best losses) and `time_to_common_s` (the wall time of each one's first
+    evaluation at or below it) added, read off their `val_curve`s."""
+    out = {}
+    for key, run in runs.items():
+        best = [min(loss for _, _, loss in r["val_curve"]) for r in run.values() if r.get("val_curve")]
+        common = max(best) if best else None
+        out[key] = {}
+        for impl, r in run.items():
+            hit = [t for _, t, loss in r.get("val_curve") or [] if common is not None and loss <= common]
+            out[key][impl] = {**r, "common_loss": common, "time_to_common_s": hit[0] if hit else None}
+    return out
+
+
 def time_to_quality(prefix: str, results: Path = RESULTS) -> str:
-    """Wall time from launch to the first evaluation at or below the target validation loss."""
+    """Wall time from launch to the first evaluation at or below the target validation loss, and to the
+    lowest loss every competitor of the run reached (where some never reach the target), per competitor."""
     rows = [r for r in load(f"{prefix}-time-to-quality.jsonl", results) if r.get("bench") == "time_to_quality"]
 
     def label(r):
-        return f"{r['model']}, val loss <= {r['target']}"
+        return f"{r['model']}, target {r['target']}"
 
     def secs(x):
         return f"{x:.0f}"
 
     columns = [("time to target s", lambda runs, i: column(runs, i, "time_to_target_s", secs)),
-               ("step at target", lambda runs, i: column(runs, i, "step_at_target", lambda x: f"{x:.0f}", False)),
                ("final val loss", lambda runs, i: column(runs, i, "final_val_loss", lambda x: f"{x:.3f}", False)),
-               ("steps / s", lambda runs, i: column(runs, i, "steps_per_s", lambda x: f"{x:.2f}", False)),
+               ("common loss", lambda runs, i: column(runs, i, "common_loss", lambda x: f"{x:.3f}", False)),
+               ("time to common loss s", lambda runs, i: column(runs, i, "time_to_common_s", secs, False)),
+               ("steps", lambda runs, i: column(runs, i, "steps", lambda x: f"{x:.0f}", False)),
+               ("training steps / s", lambda runs, i: column(runs, i, "train_steps_per_s", lambda x: f"{x:.2f}", False)),
+               ("first step s", lambda runs, i: column(runs, i, "first_step_s", secs, False)),
                ("total wall s", lambda runs, i: column(runs, i, "wall_s", secs, False)),
                ("peak RSS MiB", lambda runs, i: column(runs, i, "rss_peak_mb", secs, False))]
-    out = per_impl_table(runs_by_case(rows, label), columns, key="time_to_target_s", higher=False)
-    return table(["case", "impl"] + [c for c, _ in columns] + ["best PyTorch time / ours", "best PyTorch form"], out)
+    cases = {case: with_common_target(runs) for case, runs in runs_by_case(rows, label).items()}
+    out = per_impl_table(cases, columns, key="time_to_target_s", higher=False)
+    common = per_impl_table(cases, [], key="time_to_common_s", higher=False)
+    out = [line + common_line[2:] for line, common_line in zip(out, common)]
+    return table(["case", "impl"] + [c for c, _ in columns] + ["best PyTorch time / ours, to target", "form",
+                                                              "best PyTorch time / ours, to common loss", "form"], out)
 
 
 def sharding(prefix: str, results: Path = RESULTS) -> str:
@@ -327,7 +351,7 @@ def compare(prefix: str, results: Path = RESULTS) -> str:
     for model, runs in ttq.items():
         if model != "transformer":
             continue
-        last = list(runs.values())[-1]
+        last = list(runs.values())[-1]["jaxseq"]
         c = last.get("config", {})
         out.append([f"Transformer, nanoGPT's small CPU config ({c.get('layers')} x {c.get('d_model')}, "
                     f"context {c.get('context')}, batch {c.get('batch')})", column(runs, "jaxseq", "final_val_loss", lambda x: f"{x:.3f}"),
