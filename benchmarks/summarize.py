@@ -88,13 +88,16 @@ def is_torch(impl: str) -> bool:
     return impl.startswith(PEERS)
 
 
+def latest_commit(rows: list[dict]) -> list[dict]:
+    """The rows of the last row's commit (a results file collects the runs of many); all if it has none."""
+    commit = rows[-1].get("commit") if rows else None
+    return [r for r in rows if r.get("commit") == commit] if commit else rows
+
+
 def runs_by_case(rows: list[dict], case_of) -> dict:
     """{case: {run key: {impl: row}}} over the rows of the latest commit (all rows if none records one),
     cases and runs in file order."""
-    rows = [r for r in rows if "impl" in r]
-    commit = rows[-1].get("commit") if rows else None
-    if commit:
-        rows = [r for r in rows if r.get("commit") == commit]
+    rows = latest_commit([r for r in rows if "impl" in r])
     out = defaultdict(dict)
     for r in rows:
         run = (r.get("run_id") or r.get("time") or "file", r.get("repeat"))  # a driver may repeat within one run id
