@@ -17,14 +17,14 @@ import json
 import statistics
 from pathlib import Path
 
-from summarize import latest_commit  # the script's folder is on sys.path
+from summarize import latest_code  # the script's folder is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load(path: Path) -> list[dict]:
-    """The rows of the file's latest commit (the results files collect runs of several commits)."""
-    return latest_commit([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    """The rows of the file's latest code version (the results files collect runs of several commits)."""
+    return latest_code([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
 
 def series(recurrent_rows: list[dict], attention_rows: list[dict]) -> dict[str, list[tuple[int, float]]]:

@@ -14,11 +14,15 @@ load average) when the rows record it (`_common.run_record`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import code_version  # noqa: E402  (git only)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
@@ -67,10 +71,15 @@ def provenance(rows: list[dict]) -> str:
         return ""
     r = recs[0]
     avx = r["cpu_flags"].get("avx512")
-    commits = sorted({(x.get("commit") or "unknown")[:12] for x in recs})
+    commits = sorted({(c := x.get("commit") or "unknown")[:12] + ("+dirty" if c.endswith("+dirty") else "")
+                      for x in recs})
+    versions = sorted({v for x in recs if (v := version_of(x)) and v != x.get("commit")})
     loads = [x["load_avg"][0] for x in recs if x.get("load_avg")]
     parts = [r.get("device", "?"), "AVX-512: " + ("unknown" if avx is None else "yes" if avx else "no"),
-             "commit " + ", ".join(commits), r.get("time", "")[:10]]
+             "commit " + ", ".join(commits)]
+    if versions:
+        parts.append("measured code " + ", ".join(v[:12] for v in versions))
+    parts.append(r.get("time", "")[:10])
     if loads:
         parts.append(f"1-min load average {min(loads):.1f}-{max(loads):.1f}")
     return "Measured on " + "; ".join(p for p in parts if p) + "."
@@ -78,7 +87,7 @@ def provenance(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------- runs
 # A run is one invocation of a script (its rows share `run_id`; older rows: the `time` of their
-# record). Tables use the runs of the latest commit in each file and show, per competitor, the median
+# record). Tables use the runs of the latest code in each file (`latest_code`) and show, per competitor, the median
 # over runs with the min-max over runs; ratios are taken within each run, then their median is shown.
 
 PEERS = ("torch", "hf-", "nanogpt")  # row names of the PyTorch competitors
@@ -88,16 +97,34 @@ def is_torch(impl: str) -> bool:
     return impl.startswith(PEERS)
 
 
-def latest_commit(rows: list[dict]) -> list[dict]:
-    """The rows of the last row's commit (a results file collects the runs of many); all if it has none."""
-    commit = rows[-1].get("commit") if rows else None
-    return [r for r in rows if r.get("commit") == commit] if commit else rows
+def version_of(row: dict) -> str | None:
+    """The code a row measured: its `code_version`, else the digest of its commit's tree (for a
+    "+dirty" commit, of the commit it was based on), else the commit string itself; None without one."""
+    if row.get("code_version"):
+        return row["code_version"]
+    commit = row.get("commit")
+    if not commit:
+        return None
+    return _commit_version(commit.removesuffix("+dirty")) or commit
+
+
+@functools.lru_cache(maxsize=None)
+def _commit_version(commit: str) -> str | None:
+    return code_version(commit)
+
+
+def latest_code(rows: list[dict]) -> list[dict]:
+    """The rows that measured the same code as the last row (a results file collects the runs of many
+    commits; those that changed only results, docs or this summarizer measured the same code); all rows
+    if the last records no commit."""
+    latest = version_of(rows[-1]) if rows else None
+    return [r for r in rows if version_of(r) == latest] if latest else rows
 
 
 def runs_by_case(rows: list[dict], case_of) -> dict:
-    """{case: {run key: {impl: row}}} over the rows of the latest commit (all rows if none records one),
+    """{case: {run key: {impl: row}}} over the rows of the latest code version (all rows if none records a commit),
     cases and runs in file order."""
-    rows = latest_commit([r for r in rows if "impl" in r])
+    rows = latest_code([r for r in rows if "impl" in r])
     out = defaultdict(dict)
     for r in rows:
         run = (r.get("run_id") or r.get("time") or "file", r.get("repeat"))  # a driver may repeat within one run id
@@ -227,7 +254,7 @@ def per_impl_table(cases: dict, columns: list[tuple[str, callable]], key: str = 
 
 
 def gpt_step(prefix: str, results: Path = RESULTS) -> str:
-    """One row per (config, impl) over the config's runs of the latest commit: the median over runs of
+    """One row per (config, impl) over the config's runs of the latest code version: the median over runs of
     tokens/s and of the ratio to each run's fastest PyTorch form, with the min-max over runs when there
     are several (run gpt_step.py 3 times with the same --out), else the run's median step with its
     min-max over rounds."""
@@ -380,7 +407,7 @@ def render(prefix: str = "cpu", results: Path = RESULTS) -> str:
     for title, stem, make in SECTIONS:
         text = make(prefix, results)
         if text.count("\n") > 1:  # a header alone: no results file for this device
-            where = provenance(load(f"{prefix}-{stem}.jsonl", results))
+            where = provenance(latest_code(load(f"{prefix}-{stem}.jsonl", results)))
             parts.append(f"#### {title}\n\n" + (f"{where}\n\n" if where else "") + text + "\n")
     return "\n".join(parts)
 

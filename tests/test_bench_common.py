@@ -201,3 +201,61 @@ def test_summarize_write_rewrites_only_the_marked_section(tmp_path):
     with pytest.raises(SystemExit, match="tables:begin"):
         summarize.main(["--results", str(results), "--write", "--readme", str(readme)])
     assert readme.read_text() == "# no markers\n"
+
+
+def _git(repo, *args):
+    import subprocess
+    out = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _commit(repo, files: dict) -> str:
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "c")
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def test_code_version_changes_with_measured_code_only(tmp_path):
+    from _provenance import code_version
+
+    _git(tmp_path, "init", "-q")
+    first = _commit(tmp_path, {"jaxseq/cell.py": "a = 1\n", "benchmarks/gpt_step.py": "b = 1\n",
+                               "benchmarks/summarize.py": "s = 1\n", "README.md": "r\n"})
+    # results, docs and the summarizer change: the same measurement
+    docs = _commit(tmp_path, {"benchmarks/results/cpu.jsonl": "{}\n", "benchmarks/summarize.py": "s = 2\n",
+                              "README.md": "r2\n", "benchmarks/README.md": "t\n"})
+    code = _commit(tmp_path, {"jaxseq/cell.py": "a = 2\n"})
+    script = _commit(tmp_path, {"benchmarks/gpt_step.py": "b = 2\n"})
+    versions = [code_version(c, root=tmp_path) for c in (first, docs, code, script)]
+    assert versions[0] == versions[1] and len(set(versions[1:])) == 3
+    assert code_version(root=tmp_path) == versions[3]  # the working tree, clean
+    (tmp_path / "jaxseq/cell.py").write_text("a = 3\n")
+    assert code_version(root=tmp_path) not in versions  # dirty code is other code
+    assert code_version("0" * 40, root=tmp_path) is None
+
+
+def test_summarize_takes_the_runs_of_the_latest_code_across_commits(tmp_path, monkeypatch):
+    import functools
+
+    import summarize
+    from _provenance import code_version
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    old = _commit(repo, {"jaxseq/cell.py": "a = 1\n"})
+    new = _commit(repo, {"jaxseq/cell.py": "a = 2\n"})
+    docs = _commit(repo, {"README.md": "r\n"})
+    monkeypatch.setattr(summarize, "code_version", functools.partial(code_version, root=repo))
+    summarize._commit_version.cache_clear()
+    rows = [_gpt_row("jaxseq", 100.0), _gpt_row("jaxseq", 200.0), _gpt_row("jaxseq", 300.0),
+            _gpt_row("jaxseq", 400.0)]
+    for r, commit, run in zip(rows, (old, new + "+dirty", docs, docs), "abcd"):
+        r.update(commit=commit, run_id=run)
+    kept = summarize.latest_code(rows)
+    summarize._commit_version.cache_clear()
+    assert [r["run_id"] for r in kept] == ["b", "c", "d"]  # the +dirty row counts as its base commit's code
