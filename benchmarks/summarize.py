@@ -64,11 +64,17 @@ def ms(r: dict) -> str:
     return f"{med:.4g} ({lo:.4g}-{hi:.4g})" if lo is not None and hi is not None else f"{med:.4g}"
 
 
+UNRECORDED = ("Machine, commit and load not recorded: an older run, from before rows carried their record; "
+              "not comparable with the tables that name theirs")
+
+
 def provenance(rows: list[dict]) -> str:
-    """One line naming where and when `rows` were measured, from their machine record; '' without one."""
+    """One line naming where and when `rows` were measured, from their machine record; without one, a
+    line that says so ('' for no rows)."""
     recs = [r for r in rows if "cpu_flags" in r]
     if not recs:
-        return ""
+        return (UNRECORDED + (f" ({rows[-1]['time'][:10]})" if rows[-1].get("time") else "") + "."
+                if rows else "")
     r = recs[0]
     avx = r["cpu_flags"].get("avx512")
     commits = sorted({(c := x.get("commit") or "unknown")[:12] + ("+dirty" if c.endswith("+dirty") else "")

@@ -259,3 +259,14 @@ def test_summarize_takes_the_runs_of_the_latest_code_across_commits(tmp_path, mo
     kept = summarize.latest_code(rows)
     summarize._commit_version.cache_clear()
     assert [r["run_id"] for r in kept] == ["b", "c", "d"]  # the +dirty row counts as its base commit's code
+
+
+def test_tables_without_a_machine_record_say_so():
+    import summarize
+
+    old = {"bench": "linear_scan", "length": 64, "tokens_per_s": 1.0, "time": "2026-11-30T10:00:00Z"}
+    assert summarize.provenance([old]).startswith("Machine, commit and load not recorded")
+    assert "(2026-11-30)" in summarize.provenance([old])
+    assert summarize.provenance([]) == ""
+    recorded = _gpt_row("jaxseq", 1.0)
+    assert summarize.provenance([old, recorded]).startswith("Measured on cpu: Test CPU")
