@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _provenance import code_version  # noqa: E402  (git only)
 from jaxseq.malloc import keep_freed_memory  # noqa: E402  (imports no JAX: safe before set-up)
 
 import jax
@@ -70,7 +71,8 @@ RUN_ID = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
 
 def run_record(torch=None, **extra) -> dict:
     """What each JSON line records about where and how it was measured: `run_id` (`RUN_ID`, the same for
-    every row of one invocation), `commit` (str or None),
+    every row of one invocation), `commit` (str or None), `code_version` (the working tree's
+    `_provenance.code_version()`, exact for a dirty tree too),
     `device` (`device_name()`), `cpu_flags` (`cpu_flags()`), `threads` (cores this process may use,
     os.cpu_count(), torch's intra-op threads when `torch` is given, XLA_FLAGS), `load_avg` (1, 5, 15
     minutes, when the record is taken), `time` (UTC), the library versions; `extra` is merged in
@@ -83,7 +85,7 @@ def run_record(torch=None, **extra) -> dict:
     if torch is not None:
         threads["torch"] = torch.get_num_threads()
         versions["torch"] = torch.__version__
-    return {"run_id": RUN_ID, "commit": git_commit(), "device": device_name(), "cpu_flags": cpu_flags(), "threads": threads,
+    return {"run_id": RUN_ID, "commit": git_commit(), "code_version": code_version(), "device": device_name(), "cpu_flags": cpu_flags(), "threads": threads,
             "load_avg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **versions, **extra}
 

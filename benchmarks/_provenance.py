@@ -45,4 +45,4 @@ def code_version(commit: str | None = None, root: Path = ROOT) -> str | None:
 
 
 def _unmeasured(path: str) -> bool:
-    return any(path.startswith(u) or path == u or path.endswith(u) for u in UNMEASURED)
+    return any(path.startswith(u) or path.endswith(u) for u in UNMEASURED)
