@@ -47,6 +47,9 @@ def write_run_files(run_dir: Path, config: TrainConfig, spec: dict) -> None:
     (run_dir / TASK_FILE).write_text(json.dumps({"task": config.task, "model_spec": spec}, indent=2) + "\n")
 
 
+TB_QUEUE = 1000  # TensorBoard events held for the writer thread before add_scalar blocks
+
+
 class MetricsLog:
     """Appends metric records to RUN_DIR/metrics.jsonl and, when tensorboardX is installed, to TensorBoard.
 
@@ -64,7 +67,9 @@ class MetricsLog:
             except ImportError:
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # A queue of 10 events (the default) fills within two steps, and add_scalar then waits for
+                # the writer thread, which competes with XLA's threads for the cores: the step stalls.
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), max_queue=TB_QUEUE)
 
     def reset(self) -> None:
         if self.enabled:
