@@ -3,6 +3,7 @@ the device's name, its matmul peaks, FLOP counts, timing and peak memory."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -69,6 +70,13 @@ def git_commit() -> str | None:
 RUN_ID = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
 
 
+@functools.cache
+def _process_code_version() -> str | None:
+    """The working tree's code version, read once: a process runs the code it imported at its start,
+    and scripts call `run_record` for every row."""
+    return code_version()
+
+
 def run_record(torch=None, **extra) -> dict:
     """What each JSON line records about where and how it was measured: `run_id` (`RUN_ID`, the same for
     every row of one invocation), `commit` (str or None), `code_version` (the working tree's
@@ -85,7 +93,7 @@ def run_record(torch=None, **extra) -> dict:
     if torch is not None:
         threads["torch"] = torch.get_num_threads()
         versions["torch"] = torch.__version__
-    return {"run_id": RUN_ID, "commit": git_commit(), "code_version": code_version(), "device": device_name(), "cpu_flags": cpu_flags(), "threads": threads,
+    return {"run_id": RUN_ID, "commit": git_commit(), "code_version": _process_code_version(), "device": device_name(), "cpu_flags": cpu_flags(), "threads": threads,
             "load_avg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **versions, **extra}
 
